@@ -1,0 +1,245 @@
+"""Pretraining: the base model on the corpus, with `depth` as the one dial.
+
+    python -m stages.base_train --run-dir DIR [--set base_train.depth=12] [--resume]
+    torchrun --nproc_per_node=8 -m stages.base_train --run-dir DIR
+
+The global batch is fixed in tokens; gradient accumulation makes up whatever the processes don't
+fit in one forward/backward, so 1 process and N processes follow the same trajectory.
+SIGTERM/SIGINT: finish the step, checkpoint, exit (resume with --resume).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from nanochat.checkpoint import ckpt_dir, latest_step, load_checkpoint, save_checkpoint
+from nanochat.common import default_compute_dtype, peak_flops, print0
+from nanochat.config import (ConfigError, check_data_dir, derive_num_iterations, derive_total_batch,
+                             model_dims)
+from nanochat.stage import StageContext, stage_main
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
+
+
+def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
+                  final_lr_frac: float) -> float:
+    """Linear warmup, constant, then linear warmdown to final_lr_frac."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - step) / max(1, warmdown)
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step: int) -> float:
+    """Muon momentum warms from 0.85 to 0.95 over the first 300 steps."""
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def load_tokenizer(run_dir):
+    from nanochat.tokenizer import Tokenizer
+    tok_dir = run_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        raise ConfigError(f"no tokenizer in {tok_dir}; train one first: python -m stages.tok_train --run-dir {run_dir}")
+    return Tokenizer.load(tok_dir)
+
+
+@torch.no_grad()
+def sample_greedy(model, tokenizer, prompt: str, max_tokens: int, device) -> str:
+    """A few greedy tokens without a KV cache: cheap enough for a handful of prompts during training."""
+    ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+    out = []
+    for _ in range(max_tokens):
+        x = torch.tensor([ids[-model.config.sequence_len:]], device=device)
+        nxt = int(model(x)[0, -1].argmax())
+        if nxt == tokenizer.get_bos_token_id():
+            break
+        ids.append(nxt)
+        out.append(nxt)
+    return tokenizer.decode(out)
+
+
+def build_model(model_config: dict, device):
+    from nanochat.gpt import GPT, GPTConfig
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**model_config))
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def main(ctx: StageContext) -> dict:
+    from nanochat.dataloader import PackingLoader
+    from nanochat.dataset import list_data_files
+    from nanochat.loss_eval import evaluate_bpb
+
+    cfg, dist, ev = ctx.cfg["base_train"], ctx.dist, ctx.events
+    device = dist.device
+    tokenizer = load_tokenizer(ctx.run_dir)
+    files = list_data_files(check_data_dir(ctx.cfg))
+    if len(files) < 2:
+        raise ConfigError(f"need at least 2 data files (train + validation), found {len(files)} in "
+                          f"{files[0].parent if files else 'the data dir'}")
+    train_files, val_files = files[:-1], files[-1:]
+
+    # ---- model: everything derived from depth
+    T, B = cfg["max_seq_len"], cfg["device_batch_size"]
+    model_config = dict(sequence_len=T, vocab_size=tokenizer.get_vocab_size(),
+                        window_pattern=cfg["window_pattern"],
+                        **model_dims(cfg["depth"], cfg["aspect_ratio"], cfg["head_dim"]))
+    model = build_model(model_config, device)
+    num_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = model.estimate_flops()
+
+    tokens_per_fwdbwd = B * T * dist.world_size
+    total_batch = cfg["total_batch_size"] if cfg["total_batch_size"] > 0 else derive_total_batch(num_params, T)
+    grad_accum = max(1, round(total_batch / tokens_per_fwdbwd))
+    if grad_accum * tokens_per_fwdbwd != total_batch:
+        print0(f"total batch {total_batch:,} is not a multiple of {tokens_per_fwdbwd:,} tokens per forward/backward; "
+               f"using {grad_accum * tokens_per_fwdbwd:,}")
+    total_batch = grad_accum * tokens_per_fwdbwd
+    num_iterations = cfg["num_iterations"] if cfg["num_iterations"] > 0 else \
+        derive_num_iterations(num_params, total_batch, cfg["target_param_data_ratio"])
+    eval_every = cfg["eval_every"] if cfg["eval_every"] > 0 else num_iterations
+    save_every = cfg["save_every"] if cfg["save_every"] > 0 else num_iterations
+    print0(f"params {num_params:,} | {flops_per_token:.3e} FLOPs/token | batch {total_batch:,} tokens "
+           f"({grad_accum} accumulation steps) | {num_iterations:,} steps | {num_iterations * total_batch:,} tokens")
+    ev.emit("log", message="derived", num_params=num_params, flops_per_token=flops_per_token,
+            total_batch_size=total_batch, grad_accum_steps=grad_accum, num_iterations=num_iterations,
+            model_config=model_config, params_by_group=model.num_params_by_group())
+
+    optimizers = model.setup_optimizers(unembedding_lr=cfg["unembedding_lr"], embedding_lr=cfg["embedding_lr"],
+                                        matrix_lr=cfg["matrix_lr"], scalar_lr=cfg["scalar_lr"],
+                                        weight_decay=cfg["weight_decay"])
+
+    # ---- resume
+    ckdir = ckpt_dir(ctx.run_dir, "base")
+    start_step, loader_state, min_val_bpb, elapsed_before = 0, None, float("inf"), 0.0
+    if ctx.resume and latest_step(ckdir) is not None:
+        model_state, optim_state, meta = load_checkpoint(ckdir, device=device, rank=dist.rank, load_optim=True)
+        if meta["model_config"] != model_config:
+            raise ConfigError(f"the checkpoint in {ckdir} was trained with a different model config "
+                              f"({meta['model_config']}); resume with the same settings")
+        model.load_state_dict(model_state)
+        for opt, state in zip(optimizers, optim_state["optimizers"]):
+            opt.load_state_dict(state)
+        start_step = meta["step"]
+        loader_state = meta["loader_state"][dist.rank]
+        min_val_bpb = meta.get("min_val_bpb", float("inf"))
+        elapsed_before = meta.get("train_time_s", 0.0)
+        print0(f"resumed from step {start_step}")
+        ev.emit("log", message=f"resumed from step {start_step}", step=start_step)
+
+    train_loader = PackingLoader(tokenizer, train_files, B, T, dist.rank, dist.world_size, device, state=loader_state)
+    compute_dtype = default_compute_dtype(device.type)
+    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    step_model = model
+    if device.type == "cuda" and cfg["compile"]:
+        step_model = torch.compile(model, dynamic=False)
+    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=device)
+    peak = peak_flops(device)
+
+    def val_bpb() -> float:
+        model.eval()
+        loader = PackingLoader(tokenizer, val_files, B, T, dist.rank, dist.world_size, device)
+        steps = max(1, cfg["eval_tokens"] // tokens_per_fwdbwd)
+        with autocast:
+            bpb = evaluate_bpb(model, loader, steps, token_bytes)
+        model.train()
+        return bpb
+
+    def save(step: int):
+        meta = dict(model_config=model_config, loader_state=gather_loader_states(train_loader.state_dict()),
+                    min_val_bpb=min_val_bpb, train_time_s=train_time, num_params=num_params,
+                    tokenizer_dir=str(ctx.run_dir / "tokenizer"), total_batch_size=total_batch)
+        path = save_checkpoint(ckdir, step, model.state_dict(),
+                               {"optimizers": [o.state_dict() for o in optimizers]}, meta,
+                               rank=dist.rank, world_size=dist.world_size, keep_last=3)
+        ev.checkpoint(step=step, path=str(path))
+
+    def gather_loader_states(state):
+        if not dist.ddp:
+            return [state]
+        import torch.distributed as tdist
+        states = [None] * dist.world_size
+        tdist.all_gather_object(states, state)
+        return states
+
+    # ---- training loop
+    train_time, smooth_loss, last_val_bpb = elapsed_before, 0.0, None
+    step = start_step
+    model.train()
+    while True:
+        last = step == num_iterations
+        if last or (step > start_step and step % eval_every == 0):
+            last_val_bpb = val_bpb()
+            min_val_bpb = min(min_val_bpb, last_val_bpb)
+            print0(f"step {step:05d} | val bpb {last_val_bpb:.4f}")
+            ev.eval(task="val", metric="bpb", value=last_val_bpb, step=step, phase="base")
+        if dist.master and cfg["sample_every"] > 0 and step > start_step and (step % cfg["sample_every"] == 0 or last):
+            model.eval()
+            with autocast:
+                for prompt in SAMPLE_PROMPTS:
+                    ev.sample(prompt=prompt, text=sample_greedy(model, tokenizer, prompt, 16, device), step=step)
+            model.train()
+        stop = ctx.should_stop()
+        if step > start_step and (last or stop or step % save_every == 0):
+            save(step)
+        if last or stop:
+            break
+
+        # one optimizer step: grad_accum forward/backward passes
+        t0 = time.time()
+        lrm = lr_multiplier(step, num_iterations, cfg["warmup_ratio"], cfg["warmdown_ratio"], cfg["final_lr_frac"])
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+                if "momentum" in group and getattr(opt, "is_muon", False):
+                    group["momentum"] = muon_momentum(step)
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(grad_accum):
+            x, y = next(train_loader)
+            with autocast:
+                loss = step_model(x, y)
+            (loss / grad_accum).backward()
+            loss_sum += loss.detach()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        train_loss = (loss_sum / grad_accum).item()  # the sync point: also makes dt honest on CUDA
+        dt = time.time() - t0
+        step += 1
+
+        if step - start_step > 1:  # the first step pays for compilation and warmup
+            train_time += dt
+        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
+        debiased = smooth_loss / (1 - 0.9 ** (step - start_step))
+        tok_per_sec = total_batch / dt
+        flops_per_sec = flops_per_token * tok_per_sec
+        mfu = flops_per_sec / (peak * dist.world_size) if peak else None
+        eta = (num_iterations - step) * dt
+        if not math.isfinite(train_loss):
+            print0(f"step {step:05d} | loss is {train_loss}: training diverged")
+        print0(f"step {step:05d}/{num_iterations:05d} | loss {debiased:.4f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | "
+               f"tok/s {tok_per_sec:,.0f} | " + (f"mfu {mfu * 100:.1f}% | " if mfu else "") + f"eta {eta / 60:.1f}m")
+        ev.step(step=step, total_steps=num_iterations, loss=train_loss, smooth_loss=debiased, lrm=lrm, dt=dt,
+                tok_per_sec=tok_per_sec, flops_per_sec=flops_per_sec, mfu=mfu, tokens=step * total_batch, eta_s=eta)
+
+    tokens = step * total_batch
+    return dict(num_params=num_params, flops_per_token=flops_per_token, tokens=tokens,
+                total_flops=flops_per_token * tokens, num_iterations=num_iterations, steps_done=step,
+                total_batch_size=total_batch, min_val_bpb=min_val_bpb, final_val_bpb=last_val_bpb,
+                train_time_s=train_time, depth=cfg["depth"], model_config=model_config,
+                mfu=(flops_per_token * (tokens - start_step * total_batch) / max(train_time - elapsed_before, 1e-9)
+                     / (peak * dist.world_size)) if peak and train_time > elapsed_before else None)
+
+
+if __name__ == "__main__":
+    stage_main("base_train", main)
