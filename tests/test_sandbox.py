@@ -1,0 +1,175 @@
+"""The sandbox contains what untrusted code tries, reports it, and leaves the test process unharmed."""
+import os
+import socket
+import threading
+import time
+
+import psutil
+import pytest
+
+from nanochat.sandbox import calculator, run_code
+
+
+def no_leftover_children():
+    return [p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_runs_code_and_captures_output():
+    r = run_code("import sys\nprint('hello', 6 * 7)\nprint('warn', file=sys.stderr)")
+    assert r.status == "ok" and r.returncode == 0
+    assert r.stdout == "hello 42\n"
+    assert r.stderr.strip() == "warn"
+
+
+def test_errors_are_reported_with_a_traceback_of_the_user_code():
+    r = run_code("def f():\n    raise ValueError('boom')\nf()")
+    assert r.status == "error" and r.returncode == 1
+    assert "ValueError: boom" in r.stderr and 'File "main.py", line 2' in r.stderr
+    assert run_code("import sys; sys.exit(3)").returncode == 3
+
+
+def test_infinite_loop_times_out():
+    t0 = time.monotonic()
+    r = run_code("while True:\n    pass", timeout=1.0)
+    assert r.status == "timeout"
+    assert time.monotonic() - t0 < 5
+    assert not no_leftover_children()
+
+
+def test_sleeping_forever_times_out_on_wall_clock():
+    r = run_code("import time\nprint('before', flush=True)\ntime.sleep(1000)", timeout=1.0)
+    assert r.status == "timeout" and r.stdout == "before\n"
+
+
+def test_memory_bomb_is_contained():
+    r = run_code("chunks = []\nwhile True:\n    chunks.append(bytearray(50 << 20))", memory_mb=256, timeout=10)
+    assert r.status == "memory", r
+    r = run_code("x = ' ' * (10 ** 10)", memory_mb=256)
+    assert r.status == "memory"
+
+
+def test_fork_bomb_is_contained():
+    r = run_code("import os\nwhile True:\n    os.fork()", timeout=3)
+    assert r.status == "error" and "os.fork is disabled" in r.stderr
+    r = run_code("import posix\nwhile True:\n    posix.fork()", timeout=3)
+    assert r.status == "error" and "os.fork is disabled" in r.stderr
+    r = run_code("import multiprocessing")
+    assert r.status == "error" and "import of multiprocessing halted" in r.stderr
+    assert not no_leftover_children()
+
+
+def test_os_system_and_subprocess_are_disabled(tmp_path):
+    marker = tmp_path / "pwned"
+    for code in [f"import os; os.system('touch {marker}')",
+                 f"import subprocess; subprocess.run(['touch', '{marker}'])",
+                 f"import subprocess; subprocess.check_output('touch {marker}', shell=True)",
+                 f"import os; os.popen('touch {marker}')",
+                 f"import os; os.execv('/usr/bin/touch', ['touch', '{marker}'])",
+                 f"import os; os.posix_spawn('/usr/bin/touch', ['touch', '{marker}'], {{}})",
+                 "import os; os.kill(os.getppid(), 9)"]:
+        r = run_code(code)
+        assert r.status == "error" and "PermissionError" in r.stderr, (code, r)
+    assert not marker.exists()
+
+
+def test_cannot_delete_or_write_files_outside_its_directory(tmp_path):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "inner.txt").write_text("keep me too")
+    attempts = [f"import os; os.remove({str(victim)!r})",
+                f"import os; os.unlink({str(victim)!r})",
+                f"import pathlib; pathlib.Path({str(victim)!r}).unlink()",
+                f"import shutil; shutil.rmtree({str(folder)!r})",
+                f"import os; os.rename({str(victim)!r}, 'stolen.txt')",
+                f"open({str(victim)!r}, 'w').write('overwritten')",
+                f"open({str(victim)!r}, 'a').write('appended')",
+                f"import pathlib; pathlib.Path({str(tmp_path / 'new.txt')!r}).write_text('x')",
+                f"import os; os.open({str(tmp_path / 'new2.txt')!r}, os.O_CREAT | os.O_WRONLY)",
+                f"import os; os.mkdir({str(tmp_path / 'newdir')!r})",
+                "open('../escape.txt', 'w')"]
+    for code in attempts:
+        r = run_code(code)
+        assert r.status == "error" and "PermissionError" in r.stderr, (code, r)
+    assert victim.read_text() == "keep me"
+    assert (folder / "inner.txt").read_text() == "keep me too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "precious.txt"]
+
+
+def test_can_use_its_own_directory_which_is_deleted_afterwards():
+    r = run_code("import os\nopen('a.txt', 'w').write('data')\nos.mkdir('sub')\nos.remove('a.txt')\n"
+                 "print(os.getcwd())\nprint(sorted(os.listdir('.')))")
+    assert r.status == "ok", r
+    cwd, listing = r.stdout.splitlines()
+    assert listing == "['sub']"
+    assert not os.path.exists(cwd)
+
+
+def test_file_size_is_limited():
+    r = run_code("f = open('big', 'wb')\nf.write(b'x' * (3 << 20))\nf.close()", max_file_mb=1)
+    assert r.status == "error"
+
+
+def test_parent_environment_secrets_do_not_leak(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_TEST_SECRET", "hunter2-very-secret")
+    code = ("import os\nprint(dict(os.environ))\n"
+            "for pid in (os.getppid(), 1):\n"
+            "    try:\n        print(open(f'/proc/{pid}/environ', 'rb').read())\n"
+            "    except Exception as e:\n        print('denied', type(e).__name__)\n")
+    r = run_code(code)
+    assert r.status == "ok", r
+    assert "hunter2" not in r.stdout and "NANOCHAT_TEST_SECRET" not in r.stdout
+    assert "denied" in r.stdout
+
+
+def test_network_is_blocked():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(3)
+    port = server.getsockname()[1]
+    got = []
+    t = threading.Thread(target=lambda: got.append(_accept(server)))
+    t.start()
+    for code in [f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)",
+                 f"import _socket; _socket.socket().connect(('127.0.0.1', {port}))"]:
+        r = run_code(code)
+        assert r.status == "error", (code, r)
+    t.join()
+    server.close()
+    assert got == [None], "the sandboxed code reached the test's socket"
+
+
+def _accept(server):
+    try:
+        return server.accept()
+    except socket.timeout:
+        return None
+
+
+def test_stdin_is_closed_and_output_is_capped():
+    r = run_code("input()")
+    assert r.status == "error" and "EOFError" in r.stderr
+    r = run_code("print('x' * 100000)", max_output_bytes=1000)
+    assert r.status == "ok" and r.truncated and len(r.stdout) == 1000
+
+
+def test_bad_arguments_are_rejected_clearly():
+    with pytest.raises(ValueError, match="timeout"):
+        run_code("pass", timeout=0)
+    with pytest.raises(TypeError, match="str"):
+        run_code(b"pass")
+
+
+def test_calculator():
+    assert calculator("2 + 3 * 4") == ("14", "ok")
+    assert calculator("'strawberry'.count('r')") == ("3", "ok")
+    assert calculator("round(math.sqrt(2), 3)") == ("1.414", "ok")
+    out, status = calculator("1 / 0")
+    assert status == "error" and out == "ZeroDivisionError: division by zero"
+    assert calculator("import os")[1] == "error"
+    assert calculator("__import__('os').system('true')")[1] == "error"
+    assert calculator("().__class__.__bases__")[1] == "error"
+    assert calculator("open('/etc/passwd').read()") == ("NameError: name 'open' is not defined", "error")
+    assert calculator("9 ** 9 ** 9", timeout=1.0)[1] == "timeout"
