@@ -1,0 +1,460 @@
+"""CORE scoring with stand-in models whose answers are known, prompt construction, bundle reading and
+download, HellaSwag conversion, and multi-process (torchrun gloo) == single-process."""
+from __future__ import annotations
+
+import bz2
+import http.server
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat import core_eval as ce
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# ----------------------------------------------------------------------------- stand-ins
+
+class ByteTok:
+    """Bytes are tokens 0..255, BOS is 256: enough of the Tokenizer contract for CORE."""
+    bos = 256
+
+    def get_bos_token_id(self):
+        return self.bos
+
+    def get_vocab_size(self):
+        return 257
+
+    def encode(self, text, prepend=None, append=None):
+        if isinstance(text, list):
+            return [self.encode(t, prepend, append) for t in text]
+        ids = list(text.encode("utf-8"))
+        return ([prepend] if prepend is not None else []) + ids + ([append] if append is not None else [])
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class Oracle(torch.nn.Module):
+    """Peeks at the next input token: near-certain of it when prefer(text of the sequence), else a
+    uniform distribution. So it 'chooses' exactly the sequences `prefer` accepts."""
+
+    def __init__(self, prefer, tok=ByteTok()):
+        super().__init__()
+        self.prefer, self.tok = prefer, tok
+
+    def forward(self, ids):
+        B, T = ids.shape
+        out = torch.zeros(B, T, self.tok.get_vocab_size())
+        for b in range(B):
+            row = ids[b].tolist()
+            n = len(row)
+            while n > 1 and row[n - 1] == self.tok.bos:  # right padding
+                n -= 1
+            if self.prefer(self.tok.decode(row[:n])):
+                out[b, torch.arange(n - 1), torch.tensor(row[1:n])] = 30.0
+        return out
+
+
+def ending_model(items, delim, pick):
+    """Prefers the full sequence of choice pick(item) of whichever item the text ends with."""
+    ends = set()
+    for it in items:
+        if "choices" in it:
+            ends.add(it["query"] + delim + it["choices"][pick(it)])
+        else:
+            ends.add(it["context_options"][pick(it)] + delim + it["continuation"])
+    return Oracle(lambda text: any(text.endswith(e) for e in ends))
+
+
+UNIFORM = Oracle(lambda text: False)
+ALWAYS = Oracle(lambda text: True)  # for LM: greedy reproduces any text
+
+
+class TinyLM(torch.nn.Module):
+    """A random bigram model: real, deterministic, opinionated logits for the multi-process check."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = torch.nn.Parameter(torch.randn(257, 16, generator=g))
+        self.head = torch.nn.Parameter(torch.randn(16, 257, generator=g))
+
+    def forward(self, ids):
+        return torch.tanh(self.emb[ids]) @ self.head
+
+
+# ----------------------------------------------------------------------------- a made-up bundle
+
+ANIMALS = ["otter", "heron", "lynx", "badger", "walrus", "gecko", "falcon", "bison", "marten", "ibis", "koala", "tapir"]
+
+
+def make_items():
+    mc = [{"query": f"Which animal is called {a}?", "choices": [f"the {b}" for b in
+           (ANIMALS[(i + k) % 12] for k in range(4))], "gold": [0, 2, 1, 3, 0, 1][i % 6]}
+          for i, a in enumerate(ANIMALS)]
+    # gold must point at the real answer: rotate so that choices[gold] is "the <a>"
+    for it, a in zip(mc, ANIMALS):
+        others = [c for c in it["choices"] if c != f"the {a}"]
+        it["choices"] = others[:it["gold"]] + [f"the {a}"] + others[it["gold"]:]
+    schema = [{"context_options": [f"The {a} chased the {b}, so the {a}", f"The {a} chased the {b}, so the {b}"],
+               "continuation": f"ran {'fast' if i % 2 else 'away'}.", "gold": i % 3 % 2}
+              for i, (a, b) in enumerate(zip(ANIMALS, ANIMALS[1:]))]
+    lm = [{"context": f"The {a} is number", "continuation": f"{i + 1}"} for i, a in enumerate(ANIMALS)]
+    return mc, schema, lm
+
+
+TASKS = [  # (label, type, shots, delimiter, file, baseline)
+    ("copa", "multiple_choice", 0, None, "commonsense_reasoning/copa.jsonl", 50),
+    ("arc_easy", "multiple_choice", 3, "\nAnswer: ", "world_knowledge/arc_easy.jsonl", 25),
+    ("winograd", "schema", 2, None, "language_understanding/winograd_wsc.jsonl", 50),
+    ("lambada_openai", "language_modeling", 0, None, "language_understanding/lambada_openai.jsonl", 0),
+    ("bigbench_operators", "language_modeling", 2, None, "symbolic_problem_solving/bigbench_operators.jsonl", 0),
+]
+
+
+def make_bundle(root: Path, eval_data_layout=False) -> Path:
+    """A bundle with 5 of the 22 CORE tasks, in the llm-foundry layout (or the public one)."""
+    mc, schema, lm = make_items()
+    data = {"multiple_choice": mc, "schema": schema, "language_modeling": lm}
+    yaml_lines = ["icl_tasks:"]
+    for label, typ, shots, delim, rel, _ in TASKS:
+        uri = rel if eval_data_layout else f"local_data/{rel}"
+        yaml_lines += [f"- label: {label}", f"  dataset_uri: {uri}", f"  num_fewshot: [{shots}]",
+                       f"  icl_task_type: {typ}"]
+        if delim:
+            yaml_lines.append(f"  continuation_delimiter: {json.dumps(delim)}")
+        path = root / ("eval_data" if eval_data_layout else "local_data") / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(it) + "\n" for it in data[typ]))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / ("core.yaml" if eval_data_layout else "mmlu_and_lowvar.yaml")).write_text("\n".join(yaml_lines) + "\n")
+    rows = ["Eval Task,Task Category,Task Type,#shots,#datapoints,Random baseline,Centered Metric?,Description"]
+    rows += [f"{label},x,y,{shots},12,{rb},,\"made up, for tests\"" for label, _, shots, _, _, rb in TASKS]
+    (root / "eval_meta_data.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def spec_of(label, bundle):
+    specs, _, _ = ce.load_bundle(bundle)
+    return next(s for s in specs if s.label == label)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+def test_bundle_reading_reports_missing_tasks(bundle):
+    specs, missing, info = ce.load_bundle(bundle)
+    assert [s.label for s in specs] == [t for t in ce.CORE_TASKS if t in {t[0] for t in TASKS}]
+    assert set(missing) == set(ce.CORE_TASKS) - {t[0] for t in TASKS} and len(missing) == 17
+    assert info == {"task_file": "mmlu_and_lowvar.yaml", "baselines_file": "eval_meta_data.csv"}
+    arc = spec_of("arc_easy", bundle)
+    assert (arc.num_fewshot, arc.delimiter, arc.random_baseline) == (3, "\nAnswer: ", 25.0)
+    assert spec_of("copa", bundle).delimiter == " "  # the default
+
+
+@pytest.mark.parametrize("label", ["copa", "arc_easy", "winograd"])
+def test_choice_tasks_score_exactly(bundle, label):
+    spec = spec_of(label, bundle)
+    data = ce.load_task_data(spec)
+    frac_gold0 = sum(it["gold"] == 0 for it in data) / len(data)
+    assert 0 < frac_gold0 < 1  # so that the three models below disagree
+    for model, expected in [(ending_model(data, spec.delimiter, lambda it: it["gold"]), 1.0),
+                            (ending_model(data, spec.delimiter, lambda it: 0), frac_gold0),
+                            (ending_model(data, spec.delimiter, lambda it: 1), sum(it["gold"] == 1 for it in data) / len(data)),
+                            (UNIFORM, frac_gold0)]:  # no preference: ties go to the first choice
+        outcomes = ce.evaluate_task(model, ByteTok(), data, spec)
+        assert len(outcomes) == len(data)
+        assert sum(outcomes) / len(outcomes) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("label", ["lambada_openai", "bigbench_operators"])
+def test_lm_tasks_score_exactly(bundle, label):
+    spec = spec_of(label, bundle)
+    data = ce.load_task_data(spec)
+    assert all(ce.evaluate_task(ALWAYS, ByteTok(), data, spec))
+    assert not any(ce.evaluate_task(UNIFORM, ByteTok(), data, spec))
+    # right only when the text ends with an odd number: exact per-example agreement
+    odd = Oracle(lambda t: t[-1] in "13579" and t.endswith(tuple(it["continuation"] for it in data)))
+    assert ce.evaluate_task(odd, ByteTok(), data, spec) == [int(it["continuation"]) % 2 == 1 for it in data]
+
+
+def test_evaluate_core_accuracy_centering_and_partial(bundle):
+    mc, schema, lm = make_items()
+    gold = Oracle(lambda t: t.endswith(tuple(
+        [it["query"] + d + it["choices"][it["gold"]] for it in mc for d in (" ", "\nAnswer: ")] +
+        [it["context_options"][it["gold"]] + " " + it["continuation"] for it in schema] +
+        [it["context"] + " " + it["continuation"] for it in lm])))
+    seen = []
+    res = ce.evaluate_core(gold, ByteTok(), bundle, on_task=lambda label, r: seen.append(label))
+    assert seen == list(res["tasks"])
+    assert all(r["acc"] == 1.0 and r["centered"] == 1.0 for r in res["tasks"].values())
+    assert res["core"] == 1.0 and res["partial"] and len(res["missing"]) == 17
+
+    res = ce.evaluate_core(UNIFORM, ByteTok(), bundle)
+    f_mc, f_schema = sum(it["gold"] == 0 for it in mc) / 12, sum(it["gold"] == 0 for it in schema) / 11
+    expect = {"copa": (f_mc, (f_mc - 0.5) / 0.5), "arc_easy": (f_mc, (f_mc - 0.25) / 0.75),
+              "winograd": (f_schema, (f_schema - 0.5) / 0.5), "lambada_openai": (0.0, 0.0),
+              "bigbench_operators": (0.0, 0.0)}
+    for label, (acc, cen) in expect.items():
+        assert res["tasks"][label]["acc"] == pytest.approx(acc)
+        assert res["tasks"][label]["centered"] == pytest.approx(cen)
+    assert res["core"] == pytest.approx(sum(c for _, c in expect.values()) / 5)
+    table = ce.format_table(res)
+    assert "squad" in table and "missing" in table and "partial: 5 of 22" in table
+
+    sub = ce.evaluate_core(UNIFORM, ByteTok(), bundle, tasks=["copa", "squad"], max_per_task=5)
+    assert list(sub["tasks"]) == ["copa"] and sub["missing"] == ["squad"] and sub["partial"]
+    assert sub["tasks"]["copa"]["n"] == 5
+    with pytest.raises(ce.BundleError, match="unknown CORE task.*nope"):
+        ce.evaluate_core(UNIFORM, ByteTok(), bundle, tasks=["nope"])
+
+
+def test_centered():
+    assert ce.centered(0.75, 50) == 0.5
+    assert ce.centered(0.25, 25) == 0.0
+    assert ce.centered(0.4, 0) == 0.4
+    assert ce.centered(0.0, 25) == pytest.approx(-1 / 3)
+
+
+def test_truncation_keeps_the_scored_end(bundle):
+    spec = spec_of("arc_easy", bundle)  # 3 shots: prompts ~150 bytes, cut to 56 (the question and its answer survive)
+    data = ce.load_task_data(spec)
+    gold = ending_model(data, spec.delimiter, lambda it: it["gold"])
+    assert all(ce.evaluate_task(gold, ByteTok(), data, spec, max_len=56))
+    assert all(ce.score_example(gold, ByteTok(), data, i, spec, "cpu", max_len=56) for i in range(len(data)))
+
+
+def test_max_per_task_is_a_fixed_subset():
+    assert ce.subset_indices(5, -1) == [0, 1, 2, 3, 4]
+    assert ce.subset_indices(5, 10) == [0, 1, 2, 3, 4]
+    s = ce.subset_indices(100, 7)
+    assert len(set(s)) == 7 and s == ce.subset_indices(100, 7) and s != list(range(7))
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def test_fewshot_prompts_as_documented(bundle):
+    mc, schema, lm = make_items()
+    spec = ce.TaskSpec("arc_easy", "multiple_choice", 3, "\nAnswer: ", 25.0, None)
+    for i in range(len(mc)):
+        shots = ce.fewshot_indices(len(mc), i, 3)
+        assert len(set(shots)) == 3 and i not in shots and shots == ce.fewshot_indices(len(mc), i, 3)
+        prefix = "".join(f"{mc[j]['query']}\nAnswer: {mc[j]['choices'][mc[j]['gold']]}\n\n" for j in shots)
+        assert ce.build_prompts(mc, i, spec) == [prefix + mc[i]["query"] + "\nAnswer: " + c for c in mc[i]["choices"]]
+    # the draws differ between examples (a seeded draw per example, not one fixed set)
+    assert len({tuple(ce.fewshot_indices(12, i, 3)) for i in range(12)}) > 3
+    # two examples, one shot: the other example is the only possible demonstration
+    two = [{"context": "2+2=", "continuation": "4"}, {"context": "3+3=", "continuation": "6"}]
+    lm_spec = ce.TaskSpec("bigbench_operators", "language_modeling", 1, " ", 0.0, None)
+    assert ce.build_prompts(two, 1, lm_spec) == ["2+2= 4\n\n3+3= ", "2+2= 4\n\n3+3= 6"]
+    sch = ce.TaskSpec("winograd", "schema", 1, " ", 50.0, None)
+    assert ce.build_prompts(schema[:2], 0, sch) == [
+        schema[1]["context_options"][schema[1]["gold"]] + " " + schema[1]["continuation"] + "\n\n" + c + " " +
+        schema[0]["continuation"] for c in schema[0]["context_options"]]
+    zero = ce.TaskSpec("copa", "multiple_choice", 0, " ", 50.0, None)
+    assert ce.build_prompts(mc, 0, zero) == [mc[0]["query"] + " " + c for c in mc[0]["choices"]]
+    assert ce.fewshot_indices(1, 0, 10) == [] and sorted(ce.fewshot_indices(4, 2, 10)) == [0, 1, 3]
+
+
+# ----------------------------------------------------------------------------- data files
+
+def test_hellaswag_text_conversion(tmp_path):
+    text = "Cats: a cat sits. it\n2\njumps.\nsleeps.\npurrs.\nflies.\nDogs: a dog runs. it\n0\nbarks.\nmeows.\nsings.\nswims.\n"
+    p = tmp_path / ce.HELLASWAG_TEXT
+    p.write_bytes(bz2.compress(text.encode()))
+    assert ce.load_hellaswag_text(p) == [
+        {"query": "Cats: a cat sits. it", "choices": ["jumps.", "sleeps.", "purrs.", "flies."], "gold": 2},
+        {"query": "Dogs: a dog runs. it", "choices": ["barks.", "meows.", "sings.", "swims."], "gold": 0}]
+    p.write_bytes(bz2.compress(b"a\n1\nb\nc\n"))
+    with pytest.raises(ce.BundleError, match="multiple of 6"):
+        ce.load_hellaswag_text(p)
+
+
+def test_hellaswag_text_is_found_next_to_the_bundle(tmp_path):
+    root = make_bundle(tmp_path / "core_icl")
+    yaml = root / "mmlu_and_lowvar.yaml"
+    yaml.write_text(yaml.read_text() + "- label: hellaswag\n  dataset_uri: local_data/language_understanding/"
+                    "hellaswag.jsonl\n  num_fewshot: [10]\n  icl_task_type: multiple_choice\n")
+    with open(root / "eval_meta_data.csv", "a") as f:
+        f.write("hellaswag,x,y,10,2,25,,\n")
+    assert "hellaswag" in ce.load_bundle(root)[1]
+    (tmp_path / "hellaswag").mkdir()
+    (tmp_path / "hellaswag" / ce.HELLASWAG_TEXT).write_bytes(bz2.compress(b"q\n1\na\nb\nc\nd\n"))
+    specs, missing, _ = ce.load_bundle(root)
+    hs = next(s for s in specs if s.label == "hellaswag")
+    assert "hellaswag" not in missing and ce.load_task_data(hs) == [{"query": "q", "choices": list("abcd"), "gold": 1}]
+
+
+def test_bad_bundles_give_one_line_errors(tmp_path):
+    with pytest.raises(ce.BundleError, match="not a CORE eval bundle"):
+        ce.load_bundle(tmp_path)
+    (tmp_path / "core.yaml").write_text("icl_tasks: []\n")
+    with pytest.raises(ce.BundleError, match="eval_meta_data.csv"):
+        ce.load_bundle(tmp_path)
+    (tmp_path / "eval_meta_data.csv").write_text("Eval Task,Random baseline\ncopa,50\n")
+    (tmp_path / "core.yaml").write_text("tasks: 3\n")
+    with pytest.raises(ce.BundleError, match="icl_tasks"):
+        ce.load_bundle(tmp_path)
+    (tmp_path / "core.yaml").write_text("icl_tasks: []\n")
+    assert ce.load_bundle(tmp_path)[1] == list(ce.CORE_TASKS)
+
+
+def test_public_bundle_layout(tmp_path):
+    root = make_bundle(tmp_path / "b", eval_data_layout=True)
+    specs, missing, info = ce.load_bundle(root)
+    assert len(specs) == 5 and info["task_file"] == "core.yaml"
+
+
+# ----------------------------------------------------------------------------- download
+
+class _Server:
+    """A local http server: the first `fail_first` requests get a 503, then the zip."""
+
+    def __init__(self, payload: bytes, fail_first: int = 0):
+        state = {"left": fail_first, "hits": 0}
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                state["hits"] += 1
+                if state["left"] > 0:
+                    state["left"] -= 1
+                    self.send_error(503)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *a):
+                pass
+
+        self.state = state
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/eval_bundle.zip"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _zip_of(root: Path, prefix: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                z.write(p, prefix + str(p.relative_to(root)))
+    return buf.getvalue()
+
+
+def test_download_with_retry_and_atomic_unpack(tmp_path):
+    src = make_bundle(tmp_path / "src", eval_data_layout=True)
+    srv = _Server(_zip_of(src, "eval_bundle/"), fail_first=2)
+    try:
+        dest = ce.download_bundle(tmp_path / "cache" / "eval_bundle", url=srv.url, retries=3, backoff=0)
+        assert srv.state["hits"] == 3
+    finally:
+        srv.close()
+    assert (dest / "core.yaml").is_file() and len(ce.load_bundle(dest)[0]) == 5
+    assert [p.name for p in dest.parent.iterdir()] == ["eval_bundle"]  # no temp leftovers
+
+
+def test_download_gives_up_with_a_clear_error(tmp_path):
+    srv = _Server(b"", fail_first=10)
+    try:
+        with pytest.raises(OSError, match="could not download the CORE eval bundle.*after 2 attempts"):
+            ce.download_bundle(tmp_path / "eval_bundle", url=srv.url, retries=2, backoff=0)
+    finally:
+        srv.close()
+    assert not (tmp_path / "eval_bundle").exists() and list(tmp_path.iterdir()) == []
+    srv = _Server(b"this is not a zip")
+    try:
+        with pytest.raises(OSError, match="not a zip"):
+            ce.download_bundle(tmp_path / "eval_bundle", url=srv.url, retries=1, backoff=0)
+    finally:
+        srv.close()
+
+
+# ----------------------------------------------------------------------------- shared data
+
+needs_shared = pytest.mark.skipif(not (SHARED / "core_icl").is_dir(), reason="../shared/data absent")
+
+
+@needs_shared
+def test_shared_bundle_has_20_of_22_tasks():
+    specs, missing, info = ce.load_bundle(SHARED / "core_icl")
+    assert sorted(missing) == ["coqa", "squad"] and len(specs) == 20
+    assert info["baselines_file"] == "eval_meta_data.csv"
+    hs = {s.label: s for s in specs}
+    assert hs["hellaswag"].num_fewshot == 10 and hs["hellaswag_zeroshot"].num_fewshot == 0
+    data = ce.load_task_data(hs["hellaswag"])
+    assert len(data) == 10042 and all(len(d["choices"]) == 4 and 0 <= d["gold"] <= 3 for d in data)
+    assert hs["commonsense_qa"].random_baseline == 40.3
+
+
+@needs_shared
+def test_gold_model_on_shared_tasks():
+    specs = {s.label: s for s in ce.load_bundle(SHARED / "core_icl")[0]}
+    for label in ["copa", "boolq", "winogrande", "bigbench_operators", "arc_challenge"]:
+        spec = specs[label]
+        data = ce.load_task_data(spec)
+        if spec.task_type == "language_modeling":
+            model = ALWAYS
+        else:
+            model = ending_model(data, spec.delimiter, lambda it: it["gold"])
+        idx = ce.subset_indices(len(data), 4)
+        assert all(ce.evaluate_task(model, ByteTok(), data, spec, max_per_task=4, max_len=1024)), label
+        assert ce.evaluate_task(UNIFORM, ByteTok(), data, spec, max_per_task=4, max_len=1024) == \
+            [spec.task_type != "language_modeling" and data[i]["gold"] == 0 for i in idx]
+
+
+# ----------------------------------------------------------------------------- multi-process
+
+DIST_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from nanochat.common import compute_init, compute_cleanup
+from nanochat import core_eval as ce
+from test_core_eval import ByteTok, TinyLM
+info = compute_init("cpu")
+model, tok = TinyLM(), ByteTok()
+specs, _, _ = ce.load_bundle({bundle!r})
+out = {{s.label: ce.evaluate_task(model, tok, ce.load_task_data(s), s, max_per_task=9) for s in specs}}
+res = ce.evaluate_core(model, tok, {bundle!r}, max_per_task=9)
+if info.rank == 0:
+    json.dump({{"outcomes": out, "core": res["core"], "acc": {{k: v["acc"] for k, v in res["tasks"].items()}}}},
+              open({out!r}, "w"))
+compute_cleanup()
+"""
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, bundle):
+    results = []
+    for n in (1, 2):
+        out = tmp_path / f"out{n}.json"
+        script = tmp_path / "run_core.py"
+        script.write_text(DIST_SCRIPT.format(tests=str(REPO / "tests"), bundle=str(bundle), out=str(out)))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(script)]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results.append(json.loads(out.read_text()))
+    one, two = results
+    assert one == two
+    # and the bigram model's outcomes are not trivial (some right, some wrong)
+    flat = [o for v in one["outcomes"].values() for o in v]
+    assert any(flat) and not all(flat)
