@@ -1,0 +1,251 @@
+"""Engine: KV-cached decoding matches full forward passes; sampling, seeds, tools, context, streaming."""
+import pytest
+import torch
+import torch.nn as nn
+
+from nanochat.engine import Engine, sample_next
+from nanochat.gpt import GPT, GPTConfig, KVCache
+
+SPECIAL_NAMES = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                 "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+
+
+class ByteTokenizer:
+    """A tiny tokenizer with the contract's methods: one token per UTF-8 byte, specials after 255."""
+
+    def __init__(self):
+        self.special = {name: 256 + i for i, name in enumerate(SPECIAL_NAMES)}
+
+    def get_vocab_size(self):
+        return 256 + len(self.special)
+
+    def get_bos_token_id(self):
+        return self.special["<|bos|>"]
+
+    def encode_special(self, name):
+        return self.special[name]
+
+    def encode(self, text, prepend=None, append=None):
+        ids = list(text.encode("utf-8"))
+        return ([prepend] if prepend is not None else []) + ids + ([append] if append is not None else [])
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def render_for_completion(self, conv):
+        s = self.special
+        ids = [s["<|bos|>"]]
+        for m in conv["messages"]:
+            role = "user" if m["role"] in ("user", "system") else "assistant"
+            ids += [s[f"<|{role}_start|>"]] + self.encode(m["content"]) + [s[f"<|{role}_end|>"]]
+        return ids + [s["<|assistant_start|>"]]
+
+
+def tiny_gpt(seq_len=64, vocab=265, seed=0):
+    """A random model whose blocks all matter (the default init makes blocks identities), with a sliding
+    window layer (window seq_len // 2) so decoding past the window exercises the cache's window path."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
+                          window_pattern="SL"), compute_dtype=torch.float32)
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 if "wte" in name or "value_embeds" in name else 0.15)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gpt()
+
+
+def test_cached_logits_match_uncached(model):
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (2, 50))
+    with torch.inference_mode():
+        full = model(ids)
+        cache = KVCache(2, 2, 50, 16, 3)
+        parts = [model(ids[:, :20], kv_cache=cache)]
+        parts += [model(ids[:, t:t + 1], kv_cache=cache) for t in range(20, 50)]  # past the window of 32
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_equals_repeated_full_forward(model, tok):
+    prompt = tok.encode("The quick brown fox")
+    n = 40  # 19 + 40 positions: crosses the 32-token sliding window
+    engine = Engine(model, tok)
+    results, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=n, temperature=0.0)
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            nxt = model(torch.tensor([ids]))[0, -1].argmax().item()
+            if nxt in (tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()):
+                break
+            ids.append(nxt)
+    assert len(ids) > len(prompt) + 10, "the reference stopped too early to be a useful comparison"
+    assert results[0] == ids and results[1] == ids
+    assert masks[0] == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
+
+
+def test_independent_first_tokens_and_seeds(model, tok):
+    engine = Engine(model, tok)
+    prompt = tok.encode("hello")
+    first = next(engine.generate(prompt, num_samples=16, temperature=1.0, seed=0))[0]
+    assert len(set(first)) > 1, "all 16 samples share their first token: rows are not sampled independently"
+    a, _ = engine.generate_batch(prompt, num_samples=3, max_tokens=12, temperature=1.0, top_k=50, seed=7)
+    b, _ = engine.generate_batch(prompt, num_samples=3, max_tokens=12, temperature=1.0, top_k=50, seed=7)
+    c, _ = engine.generate_batch(prompt, num_samples=3, max_tokens=12, temperature=1.0, top_k=50, seed=8)
+    assert a == b
+    assert a != c
+
+
+def test_sample_next_top_k_top_p():
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0, 1.0]]).repeat(2000, 1)
+    rng = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, rng, 1.0, top_k=2).tolist()) == {1, 2}
+    assert set(sample_next(logits, rng, 1.0, top_p=0.3).tolist()) == {1}  # p(1) ~ 0.5 already reaches 0.3
+    assert set(sample_next(logits, rng, 1.0, top_p=0.9).tolist()) == {1, 2}
+    assert sample_next(logits[:1], rng, 0.0).tolist() == [1]
+    assert len(set(sample_next(logits, rng, 1.0).tolist())) >= 4
+
+
+class BigramModel(nn.Module):
+    """A model that always predicts a scripted successor of the last token (a bigram table), with the
+    cache interface of GPT: enough to script a tool call through the real engine."""
+
+    def __init__(self, successors: dict[int, int], vocab: int, seq_len: int = 64):
+        super().__init__()
+        self.config = GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
+        table = torch.full((vocab, vocab), -10.0)
+        for a, b in successors.items():
+            table[a, b] = 10.0
+        self.register_buffer("table", table)
+        self.seen = []  # every token fed to the model
+
+    def get_device(self):
+        return self.table.device
+
+    def forward(self, idx, kv_cache=None):
+        self.seen.append(idx.clone())
+        kv_cache.advance(idx.size(1))
+        return self.table[idx]
+
+
+def script(tok, pairs):
+    return {(a if isinstance(a, int) else tok.encode(a)[0]): (b if isinstance(b, int) else tok.encode(b)[0])
+            for a, b in pairs}
+
+
+def test_tool_call_is_executed_injected_and_masked(tok):
+    s = tok.special
+    # <|assistant_start|> <|python_start|> 6 * 7 <|python_end|> [forced: <|output_start|> 42 <|output_end|>] ! <|assistant_end|>
+    succ = script(tok, [(s["<|assistant_start|>"], s["<|python_start|>"]), (s["<|python_start|>"], "6"), ("6", "*"),
+                        ("*", "7"), ("7", s["<|python_end|>"]), (s["<|output_end|>"], "!"),
+                        ("!", s["<|assistant_end|>"]), (s["<|python_end|>"], "x")])
+    model = BigramModel(succ, tok.get_vocab_size())
+    engine = Engine(model, tok)
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "what is 6*7?"}]})
+    results, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=30, temperature=0.0)
+    expected = ([s["<|python_start|>"]] + tok.encode("6*7") + [s["<|python_end|>"], s["<|output_start|>"]]
+                + tok.encode("42") + [s["<|output_end|>"]] + tok.encode("!"))
+    assert results[0][len(prompt):] == expected
+    assert masks[0][len(prompt):] == [1, 1, 1, 1, 1, 0, 0, 0, 0, 1]
+    assert results[1] == results[0]
+    # the forced tokens were fed back to the model (its cache holds them)
+    fed = torch.cat([x[0] for x in model.seen]).tolist()
+    assert fed == prompt + expected
+
+    events = list(engine.stream_chat({"messages": [{"role": "user", "content": "what is 6*7?"}]}, temperature=0.0))
+    assert events == [{"type": "tool_call", "code": "6*7"},
+                      {"type": "tool_result", "output": "42", "status": "ok"},
+                      {"type": "text", "text": "!"},
+                      {"type": "done", "reason": "stop", "tokens": 10}]
+
+
+def test_tool_errors_are_reported_not_raised(tok):
+    s = tok.special
+    succ = script(tok, [(s["<|assistant_start|>"], s["<|python_start|>"]), (s["<|python_start|>"], "1"),
+                        ("1", "/"), ("/", "0"), ("0", s["<|python_end|>"]), (s["<|output_end|>"], s["<|assistant_end|>"])])
+    engine = Engine(BigramModel(succ, tok.get_vocab_size()), tok)
+    events = list(engine.stream_chat({"messages": [{"role": "user", "content": "1/0"}]}, temperature=0.0))
+    assert events[1] == {"type": "tool_result", "output": "ZeroDivisionError: division by zero", "status": "error"}
+    assert events[-1]["reason"] == "stop"
+
+
+def test_stops_at_max_tokens_and_context(model, tok):
+    engine = Engine(model, tok)
+    prompt = tok.encode("x" * 50)
+    results, _ = engine.generate_batch(prompt, max_tokens=5, temperature=0.0)
+    assert len(results[0]) <= 55
+    events = list(engine.stream_chat({"messages": [{"role": "user", "content": "hi"}]}, max_tokens=7, temperature=0.0))
+    assert events[-1]["type"] == "done" and events[-1]["reason"] in ("max_tokens", "stop")
+    # the prompt plus the generation never exceed the 64-token context
+    steps = list(engine.generate(prompt, max_tokens=100, temperature=0.0))
+    assert len(steps) <= 64 - 50
+    with pytest.raises(ValueError, match="context window"):
+        next(engine.generate(tok.encode("y" * 64)))
+
+
+def test_context_overflow_drops_oldest_turns_with_a_notice(model, tok):
+    engine = Engine(model, tok)
+    old = [{"role": "user", "content": "a" * 20}, {"role": "assistant", "content": "b" * 20}]
+    conv = {"messages": [{"role": "system", "content": "sys"}] + old + [{"role": "user", "content": "newest?"}]}
+    ids, notice = engine.fit_conversation(conv, reserve=16)
+    assert "dropped the 2 oldest messages" in notice
+    assert ids == tok.render_for_completion({"messages": [conv["messages"][0], conv["messages"][-1]]})
+    events = list(engine.stream_chat(conv, max_tokens=16, temperature=0.0))
+    assert events[0]["type"] == "notice" and "too long" in events[0]["text"]
+    assert events[-1]["type"] == "done"
+    # a single message longer than the context keeps its end, still with a notice
+    ids, notice = engine.fit_conversation({"messages": [{"role": "user", "content": "z" * 200}]}, reserve=16)
+    assert len(ids) == 48 and ids[0] == tok.get_bos_token_id() and ids[-1] == tok.special["<|assistant_start|>"]
+    assert "kept only the last" in notice
+    _, notice = engine.fit_conversation({"messages": [{"role": "user", "content": "short"}]}, reserve=16)
+    assert notice is None
+
+
+def test_multibyte_characters_stream_whole(tok):
+    s = tok.special
+    text = "héllo → 世界 🙂"
+    seq = [s["<|assistant_start|>"]] + tok.encode(text) + [s["<|assistant_end|>"]]
+    # bytes repeat, so a bigram table can't script this: script by position instead
+    model = PositionScript(seq, tok.get_vocab_size())
+    engine = Engine(model, tok)
+    events = list(engine.stream_chat({"messages": [{"role": "user", "content": "hi"}]}, temperature=0.0))
+    texts = [e["text"] for e in events if e["type"] == "text"]
+    assert "".join(texts) == text
+    assert all("\ufffd" not in t for t in texts)
+    assert len(texts) == len(text), "each character should arrive as soon as its last byte does"
+
+
+class PositionScript(BigramModel):
+    """Predicts seq[k+1] after the k-th token of `seq` has been seen at the end of the input so far."""
+
+    def __init__(self, seq, vocab):
+        super().__init__({}, vocab)
+        self.seq, self.i = seq, 0
+
+    def forward(self, idx, kv_cache=None):
+        kv_cache.advance(idx.size(1))
+        out = torch.full((idx.size(0), idx.size(1), self.table.size(0)), -10.0)
+        self.i = self.i + 1 if idx.size(1) == 1 else 1
+        out[:, -1, self.seq[min(self.i, len(self.seq) - 1)]] = 10.0
+        return out
+
+
+def test_bad_arguments_are_rejected(model, tok):
+    engine = Engine(model, tok)
+    for kwargs, match in [({"temperature": -1}, "temperature"), ({"top_k": 0}, "top_k"), ({"top_p": 1.5}, "top_p"),
+                          ({"num_samples": 0}, "num_samples"), ({"max_tokens": 0}, "max_tokens")]:
+        with pytest.raises(ValueError, match=match):
+            engine.generate_batch([1, 2, 3], **kwargs)
+    with pytest.raises(ValueError, match="tokens"):
+        engine.generate_batch([])
+    with pytest.raises(ValueError, match="tokens"):
+        engine.generate_batch([99999])
