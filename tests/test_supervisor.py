@@ -1,0 +1,303 @@
+"""The run supervisor, driven end to end with fake stages (tests/fake_stage.py) in real detached processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from nanochat import supervisor as sv
+from nanochat.events import read_events
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def fake(name, *args, **kw):
+    return {"name": name, "module": "tests.fake_stage", "args": [str(a) for a in args], **kw}
+
+
+def wait_for(pred, timeout=20.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stage(run_dir, name) -> dict:
+    return next(s for s in sv.read_state(run_dir)["stages"] if s["name"] == name)
+
+
+def steps_of(run_dir, name) -> list[int]:
+    evs, _ = read_events(Path(run_dir) / name / "events.jsonl")
+    return [e["step"] for e in evs if e["kind"] == "step"]
+
+
+def wait_done(run_dir, timeout=30.0):
+    wait_for(lambda: not sv.is_live(run_dir), timeout, "the run to finish")
+    return sv.read_state(run_dir)
+
+
+def gone(pid) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    made = []
+
+    def make(*stages):
+        d = sv.create_run("demo", stages=list(stages), root=tmp_path / "runs")
+        made.append(d)
+        return d
+    yield make
+    for d in made:  # never leave a process behind, even when a test fails
+        if sv.is_live(d):
+            sv.stop_run(d, timeout=1.0)
+
+
+# ------------------------------------------------------------------------------ plan and command line
+
+def test_stage_entries_and_commands(tmp_path):
+    specs = sv.parse_stages(["tok_train", "chat_eval:sft", {"name": "x", "module": "tests.fake_stage", "args": ["-n", 3]}])
+    assert [s["name"] for s in specs] == ["tok_train", "chat_eval_sft", "x"]
+    assert specs[0]["module"] == "stages.tok_train" and specs[0]["args"] == []
+    assert specs[1]["module"] == "stages.chat_eval" and specs[1]["args"] == ["-i", "sft", "--stage-name", "chat_eval_sft"]
+    assert specs[2]["args"] == ["-n", "3"]
+    for bad, msg in [(["a", "a"], "unique"), ([{"name": "../x"}], "directory"), ([{"name": "a", "modul": "m"}], "modul"),
+                     ([], "no stages"), ([42], "must be a name"), ([{"name": "a", "args": "x"}], "list of strings")]:
+        with pytest.raises(sv.SupervisorError, match=msg):
+            sv.parse_stages(bad)
+
+    s = {**specs[0], "resume": False}
+    single = sv.stage_command(s, tmp_path, {"nproc_per_node": 1, "nnodes": 1})
+    assert single == [sys.executable, "-m", "stages.tok_train", "--run-dir", str(tmp_path)]
+    multi = sv.stage_command({**s, "resume": True}, tmp_path, {"nproc_per_node": 4, "nnodes": 1})
+    assert multi[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=4", "--nnodes=1"]
+    assert multi[-4:] == ["stages.tok_train", "--run-dir", str(tmp_path), "--resume"]
+    nodes = sv.stage_command(s, tmp_path, {"nproc_per_node": 8, "nnodes": 2, "rdzv_endpoint": "10.0.0.1:29500"})
+    assert "--rdzv-backend=c10d" in nodes and "--rdzv-endpoint=10.0.0.1:29500" in nodes and "--nnodes=2" in nodes
+    assert sv.stage_command({**s, "torchrun": False}, tmp_path, {"nproc_per_node": 8})[:2] == [sys.executable, "-m"]
+
+
+# ------------------------------------------------------------------------------ the state machine
+
+def test_run_succeeds_in_order(runs):
+    d = runs(fake("a", "--steps", 3), fake("b", "--steps", 2))
+    st = sv.read_state(d)
+    assert st["status"] == "pending" and [s["status"] for s in st["stages"]] == ["pending", "pending"]
+    assert (d / "config.toml").is_file()
+    pid = sv.start_run(d)
+    assert sv.is_live(d) and sv.read_state(d)["driver"]["pid"] == pid
+    st = wait_done(d)
+    assert st["status"] == "succeeded" and st["driver"] is None
+    a, b = st["stages"]
+    assert a["status"] == b["status"] == "succeeded" and a["exit_code"] == b["exit_code"] == 0
+    assert a["ended"] <= b["started"]  # in order, one at a time
+    assert a["cmd"][1:3] == ["-m", "tests.fake_stage"] and a["attempts"] == 1
+    assert steps_of(d, "a") == [1, 2, 3] and steps_of(d, "b") == [1, 2]
+    assert "step 3/3" in (d / "a" / "stdout.log").read_text()
+    assert "starting" in (d / "a" / "stderr.log").read_text()
+    assert st["system"]["cpus"] >= 1  # the driver's machine snapshot, for the report
+    assert gone(a["pid"])
+    wait_for(lambda: gone(pid), 5, "the driver to exit")  # it clears its record just before exiting
+    runs_list = sv.list_runs(d.parent)
+    assert [(r.run_id, r.status, r.live) for r in runs_list] == [(d.name, "succeeded", False)]
+    assert sv.resolve_run(d.name[:10], d.parent) == d and sv.resolve_run("latest", d.parent) == d
+    with pytest.raises(sv.SupervisorError, match="matches no run"):
+        sv.resolve_run("nope", d.parent)
+
+
+def test_crash_fails_with_traceback_and_halts(runs):
+    d = runs(fake("a", "--steps", 1), fake("b", "--steps", 4, "--crash-at", 2), fake("c"))
+    sv.start_run(d)
+    st = wait_done(d)
+    a, b, c = st["stages"]
+    assert (a["status"], b["status"], c["status"]) == ("succeeded", "failed", "pending")
+    assert st["status"] == "failed"
+    assert b["exit_code"] == 1 and b["error"] == "RuntimeError: fake crash at step 2"
+    assert any("raise RuntimeError" in ln for ln in b["traceback"]) and len(b["traceback"]) <= sv.TRACEBACK_LINES
+    assert not (d / "c").exists()  # nothing after a failure starts
+
+
+def test_sigkilled_worker_fails_with_exit_code_and_stderr_tail(runs):
+    d = runs(fake("a", "--steps", 200, "--sleep", 0.05), fake("b", "--steps", 5, "--die-at", 2))
+    sv.start_run(d)
+    wait_for(lambda: len(steps_of(d, "a")) >= 2, what="a's first steps")
+    os.kill(stage(d, "a")["pid"], signal.SIGKILL)
+    st = wait_done(d)
+    a = st["stages"][0]
+    assert a["status"] == "failed" and a["exit_code"] == -signal.SIGKILL
+    assert "SIGKILL" in a["error"] and any("starting" in ln for ln in a["traceback"])  # tail of stderr
+    # a hard exit with no event: its exit code and what it printed last
+    sv.skip_stage(d, "a")
+    sv.resume_run(d)
+    b = wait_done(d)["stages"][1]
+    assert b["status"] == "failed" and b["exit_code"] == 7 and b["error"] == "exit code 7"
+    assert b["traceback"][-1] == "dying hard at step 2"
+
+
+def test_stop_leaves_no_process_and_resume_continues_from_checkpoint(runs):
+    d = runs(fake("a", "--steps", 40, "--sleep", 0.05, "--child"), fake("b", "--steps", 2))
+    driver = sv.start_run(d)
+    wait_for(lambda: len(steps_of(d, "a")) >= 3, what="a's steps")
+    evs, _ = read_events(d / "a" / "events.jsonl")
+    helper = next(e["helper_pid"] for e in evs if e.get("message") == "helper")
+    a_pid = stage(d, "a")["pid"]
+    sv.stop_run(d, timeout=10)
+    st = sv.read_state(d)
+    a = st["stages"][0]
+    assert a["status"] == "stopped" and a["exit_code"] == 143 and st["status"] == "stopped"
+    assert st["stages"][1]["status"] == "pending" and st["driver"] is None
+    for pid in (a_pid, helper, driver):
+        assert gone(pid), f"process {pid} of the run is still alive"
+    assert not sv.group_members(a) and not sv.is_live(d)
+    evs, _ = read_events(d / "a" / "events.jsonl")
+    ck = [e for e in evs if e["kind"] == "checkpoint"][-1]
+    assert evs[-1]["kind"] == "end" and evs[-1]["status"] == "stopped"
+    stopped_at = ck["step"]
+    assert stopped_at < 40
+
+    sv.resume_run(d)
+    st = wait_done(d)
+    assert [s["status"] for s in st["stages"]] == ["succeeded", "succeeded"]
+    a = st["stages"][0]
+    assert a["attempts"] == 2 and a["cmd"][-1] == "--resume"
+    evs, _ = read_events(d / "a" / "events.jsonl")
+    starts = [i for i, e in enumerate(evs) if e["kind"] == "start"]
+    assert len(starts) == 2 and evs[starts[1]]["resume"] is True
+    after = [e["step"] for e in evs[starts[1]:] if e["kind"] == "step"]
+    assert after[0] == stopped_at + 1 and after[-1] == 40  # continued, not restarted
+    assert any(e.get("message") == f"resumed from step {stopped_at}" for e in evs)
+
+
+def test_stop_escalates_to_sigkill(runs):
+    d = runs(fake("a", "--steps", 400, "--sleep", 0.05, "--ignore-term"))
+    sv.start_run(d)
+    wait_for(lambda: len(steps_of(d, "a")) >= 1, what="a's first step")
+    pid = stage(d, "a")["pid"]
+    t0 = time.time()
+    sv.stop_run(d, timeout=0.5)
+    assert time.time() - t0 < 8
+    a = stage(d, "a")
+    assert a["status"] == "stopped" and a["exit_code"] == -signal.SIGKILL and gone(pid)
+
+
+def test_driver_killed_stage_keeps_running_and_new_driver_reattaches(runs):
+    d = runs(fake("a", "--steps", 30, "--sleep", 0.1), fake("b", "--steps", 2))
+    driver = sv.start_run(d)
+    wait_for(lambda: len(steps_of(d, "a")) >= 2, what="a's steps")
+    os.kill(driver, signal.SIGKILL)
+    wait_for(lambda: gone(driver), what="the driver to die")
+    a = stage(d, "a")
+    n = len(steps_of(d, "a"))
+    time.sleep(0.5)
+    assert sv.proc_alive(a["pid"], a["create_time"]), "the stage died with its driver"
+    assert len(steps_of(d, "a")) > n  # still training
+    assert sv.is_live(d) and sv.read_state(d)["status"] == "running"
+    with pytest.raises(sv.SupervisorError, match="is running"):
+        sv.skip_stage(d, "a")
+
+    assert sv.reattach_orphans(d.parent) == [d]
+    new = sv.read_state(d)["driver"]["pid"]
+    assert new != driver
+    wait_for(lambda: stage(d, "a").get("reattached"), what="the new driver to reattach")
+    st = wait_done(d)
+    a, b = st["stages"]
+    assert a["status"] == "succeeded" and a["pid"] == sv.read_state(d)["stages"][0]["pid"]
+    assert a["exit_code"] is None and a["attempts"] == 1  # not our child: outcome read from its end event
+    assert b["status"] == "succeeded" and steps_of(d, "a")[-1] == 30
+
+
+def test_stale_pid_of_unrelated_process_is_not_live(runs):
+    d = runs(fake("a", "--steps", 1))
+    # an unrelated process leading its own group: the most dangerous pid to mistake for a stage's
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        with sv.state_txn(d) as st:
+            st["stages"][0].update(status="running", pid=other.pid,
+                                   create_time=psutil.Process(other.pid).create_time() - 1000.0)
+            st["driver"] = {"pid": other.pid, "create_time": 12345.0}
+        a = stage(d, "a")
+        assert not sv.proc_alive(a["pid"], a["create_time"]) and not sv.group_members(a)
+        assert not sv.is_live(d)
+        sv.stop_run(d, timeout=0.5)  # must not signal it
+        assert other.poll() is None and stage(d, "a")["status"] == "stopped"
+
+        with sv.state_txn(d) as st:
+            st["stages"][0]["status"] = "running"
+        sv.start_run(d)  # the driver must not wait for it either: it finds the stage dead
+        st = wait_done(d, timeout=10)
+        a = st["stages"][0]
+        assert a["status"] == "failed" and "without an end or error event" in a["error"]
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_two_drivers_never_drive_one_run(runs):
+    d = runs(fake("a", "--steps", 100, "--sleep", 0.05))
+    driver = sv.start_run(d)
+    wait_for(lambda: stage(d, "a")["status"] == "running", what="a to start")
+    with pytest.raises(sv.SupervisorError, match=f"already being driven by supervisor pid {driver}"):
+        sv.start_run(d)
+    with pytest.raises(sv.SupervisorError, match="already being driven"):
+        sv.resume_run(d)
+    r = subprocess.run([sys.executable, "-m", "nanochat.supervisor", "drive", str(d)], capture_output=True,
+                       text=True, env=sv._child_env(), timeout=30)
+    assert r.returncode == 3 and f"already driven by supervisor pid {driver}" in r.stderr
+    assert sv.read_state(d)["driver"]["pid"] == driver  # the refused one changed nothing
+    sv.stop_run(d, timeout=5)
+
+
+def test_malformed_and_torn_event_lines_are_tolerated(runs):
+    d = runs(fake("a", "--steps", 3, "--garbage", "--eval", "val:bpb:1.25:base"))
+    sv.start_run(d)
+    st = wait_done(d)
+    assert st["stages"][0]["status"] == "succeeded"
+    evs, bad = read_events(d / "a" / "events.jsonl")
+    assert bad == 9 and [e["step"] for e in evs if e["kind"] == "step"] == [1, 2, 3]
+    with open(d / "a" / "events.jsonl", "a") as f:
+        f.write('{"v":1,"kind":"step","step":4,"total_st')  # a torn last line: a crash mid-write
+    evs2, bad2 = read_events(d / "a" / "events.jsonl")
+    assert evs2 == evs and bad2 == bad
+
+
+def test_retry_skip_and_start_from_a_stage(runs):
+    d = runs(fake("a", "--steps", 2), fake("b", "--steps", 3, "--crash-at", 2, "--crash-once"), fake("c", "--steps", 1))
+    sv.start_run(d)
+    assert wait_done(d)["stages"][1]["status"] == "failed"
+    with pytest.raises(sv.SupervisorError, match="only pending, failed or stopped"):
+        sv.skip_stage(d, "a")
+    with pytest.raises(sv.SupervisorError, match="has no stage 'nope'; stages: a, b, c"):
+        sv.retry_stage(d, "nope")
+    sv.retry_stage(d, "b")  # from scratch: the failed attempt's logs move aside
+    st = wait_done(d)
+    assert [s["status"] for s in st["stages"]] == ["succeeded"] * 3
+    assert (d / "b" / "attempt-1" / "events.jsonl").exists()
+    evs, _ = read_events(d / "b" / "events.jsonl")
+    assert [e["kind"] for e in evs].count("start") == 1 and not any(e["kind"] == "error" for e in evs)
+
+    sv.start_run(d, from_stage="b")  # b and c again, a untouched
+    a_ended = st["stages"][0]["ended"]
+    st = wait_done(d)
+    assert st["stages"][0]["ended"] == a_ended and st["stages"][1]["attempts"] == 3 and st["stages"][2]["attempts"] == 2
+
+    d2 = runs(fake("a"), fake("b", "--steps", 1))
+    sv.skip_stage(d2, "a")
+    sv.start_run(d2)
+    st = wait_done(d2)
+    assert [s["status"] for s in st["stages"]] == ["skipped", "succeeded"] and st["status"] == "succeeded"
+    assert not (d2 / "a").exists()
