@@ -1,0 +1,110 @@
+"""Small read-only panels of the dashboard: stage pipeline, run stats, GPUs, host."""
+from __future__ import annotations
+
+import math
+
+from rich.table import Table
+from rich.text import Text
+from textual.widgets import OptionList, Static
+from textual.widgets.option_list import Option
+
+from ..runmodel import RunModel, StageState
+from .plot import fmt_num
+
+GLYPH = {"pending": ("·", "dim"), "running": ("▶", "bold #4fc1ff"), "succeeded": ("✓", "#7fd962"),
+         "failed": ("✗", "bold #f07178"), "stopped": ("■", "#ffb454"), "skipped": ("↷", "dim"), "incomplete": ("◌", "#ffb454")}
+
+
+def fmt_duration(s: float | None) -> str:
+    if s is None or not math.isfinite(s) or s < 0:
+        return "-"
+    s = int(s)
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def fmt_bytes(b: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(b) < 1024 or unit == "T":
+            return f"{b:.0f}{unit}" if unit == "B" else f"{b:.1f}{unit}"
+        b /= 1024
+    return str(b)
+
+
+class Pipeline(OptionList):
+    """The run's stages with their states; the highlighted stage is the target of logs/retry/skip."""
+
+    def show(self, stages: list[StageState], model: RunModel | None):
+        keep = self.highlighted
+        opts = []
+        for s in stages:
+            glyph, style = GLYPH.get(s.status, ("?", ""))
+            t = Text.assemble((f"{glyph} ", style), (s.name, style if s.status != "pending" else "dim"))
+            info = model.stages.get(s.name) if model else None
+            if info and info.step is not None and info.total_steps:
+                t.append(f" {min(100, 100 * info.step / max(1, info.total_steps)):3.0f}%", style="dim")
+            opts.append(Option(t, id=s.name))
+        self.clear_options()
+        self.add_options(opts)
+        if opts:
+            self.highlighted = keep if keep is not None and keep < len(opts) else 0
+
+    @property
+    def selected_stage(self) -> str | None:
+        if self.highlighted is None or not self.option_count:
+            return None
+        return self.get_option_at_index(self.highlighted).id
+
+
+class StatsPanel(Static):
+    def show(self, model: RunModel | None, stage: str | None, wall: float, cost: float):
+        t = Table.grid(padding=(0, 1))
+        t.add_column(style="dim", no_wrap=True)
+        t.add_column(no_wrap=True)
+        info = model.stages.get(stage) if (model and stage) else None
+        if info:
+            t.add_row("stage", stage)
+            t.add_row("step", f"{info.step}/{info.total_steps}" if info.total_steps else str(info.step))
+            t.add_row("loss", fmt_num(info.loss) if info.loss is not None else "-")
+            t.add_row("tok/s", fmt_num(info.tok_per_sec) if info.tok_per_sec is not None else "-")
+            t.add_row("MFU", f"{100 * info.mfu:.1f}%" if info.mfu is not None and math.isfinite(info.mfu) else "-")
+            t.add_row("tokens", fmt_num(info.tokens) if isinstance(info.tokens, (int, float)) else "-")
+            t.add_row("ETA", fmt_duration(info.eta_s) if not info.ended else "done")
+        else:
+            t.add_row("stage", "-")
+        t.add_row("wall", fmt_duration(wall))
+        t.add_row("cost", f"${cost:,.2f}")
+        self.update(t)
+
+
+class GpuPanel(Static):
+    def show(self, gpus: list | None, error: str = ""):
+        if not gpus:
+            self.update(Text(error or "no GPU stats yet", style="dim"))
+            return
+        t = Table(box=None, padding=(0, 1), expand=True, show_edge=False)
+        for col in ("#", "util", "mem", "temp", "power", "MHz", "throttle"):
+            t.add_column(col, no_wrap=True, style="dim" if col == "#" else None)
+        for g in gpus:
+            util_style = "#7fd962" if g.util >= 50 else "#ffb454" if g.util >= 5 else "#f07178"
+            t.add_row(str(g.index), Text(f"{g.util:3.0f}%", style=util_style),
+                      f"{g.mem_used / 2**30:.0f}/{g.mem_total / 2**30:.0f}G", f"{g.temp:.0f}C",
+                      f"{g.power:.0f}/{g.power_limit:.0f}W", str(g.sm_clock),
+                      Text(",".join(g.throttle) or "-", style="bold #f07178" if g.throttle else "dim"))
+        self.border_subtitle = gpus[0].name if gpus else ""
+        self.update(t)
+
+
+class HostPanel(Static):
+    def show(self, h):
+        if h is None:
+            self.update(Text("host stats unavailable", style="dim"))
+            return
+        self.update(Text.assemble(("CPU ", "dim"), f"{h.cpu:3.0f}%  ", ("RAM ", "dim"),
+                                  f"{fmt_bytes(h.ram_used)}/{fmt_bytes(h.ram_total)}  ", ("disk ", "dim"),
+                                  f"{fmt_bytes(h.disk_used)}/{fmt_bytes(h.disk_total)}"))
