@@ -200,17 +200,16 @@ def file_format(path: Path) -> str | None:
 
 
 def list_data_files(data_dir: str | os.PathLike) -> list[Path]:
-    """All data files under data_dir (recursively), sorted by relative path; the last is the val split."""
+    """All data files under data_dir (recursively), sorted by relative path; the last is the val split.
+
+    A missing directory is an error; an existing one without data files gives [] (callers count).
+    """
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data directory {data_dir} does not exist; fill it with `{DOWNLOAD_HINT} --dir {data_dir}` "
                                 f"or point it at a directory of .parquet/.txt/.jsonl files")
-    files = sorted((p for p in data_dir.rglob("*") if p.is_file() and file_format(p)),
-                   key=lambda p: p.relative_to(data_dir).as_posix())
-    if not files:
-        raise FileNotFoundError(f"data directory {data_dir} holds no .parquet/.txt/.jsonl/WikiExtractor files; "
-                                f"fill it with `{DOWNLOAD_HINT} --dir {data_dir}`")
-    return files
+    return sorted((p for p in data_dir.rglob("*") if p.is_file() and file_format(p)),
+                  key=lambda p: p.relative_to(data_dir).as_posix())
 
 
 def split_files(files: list[Path], split: str) -> list[Path]:
@@ -218,8 +217,8 @@ def split_files(files: list[Path], split: str) -> list[Path]:
     if split not in ("train", "val"):
         raise ValueError(f"split {split!r} is not allowed; use 'train' or 'val'")
     if len(files) < 2:
-        raise ValueError(f"need at least 2 data files (the last is held out for validation), found {len(files)}: "
-                         f"{', '.join(map(str, files))}")
+        raise ValueError(f"need at least 2 data files (the last is held out for validation), found {len(files)}"
+                         + (f": {files[0]}" if files else f"; fill the data directory with `{DOWNLOAD_HINT}`"))
     return files[:-1] if split == "train" else files[-1:]
 
 

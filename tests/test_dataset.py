@@ -245,9 +245,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*python -m nanochat.dataset -n 8"):
         list_data_files(tmp_path / "nope")
     (tmp_path / "notes.md").write_text("hi")
-    with pytest.raises(FileNotFoundError, match="holds no .parquet/.txt/.jsonl"):
-        list_data_files(tmp_path)
-    with pytest.raises(ValueError, match="at least 2 data files"):
+    assert list_data_files(tmp_path) == []
+    with pytest.raises(ValueError, match="at least 2 data files.*found 0; fill the data directory with `python -m"):
+        split_files([], "train")
+    with pytest.raises(ValueError, match="at least 2 data files.*found 1: .*a.txt"):
         split_files([tmp_path / "a.txt"], "train")
     with pytest.raises(ValueError, match="use 'train' or 'val'"):
         split_files([tmp_path / "a.txt"] * 2, "test")
