@@ -283,27 +283,30 @@ def subset_indices(n: int, max_per_task: int | None) -> list[int]:
     return order[:max_per_task]
 
 
-def _dist_world():
+def distributed_outcomes(n: int, score, device="cpu", batch_size: int = 1) -> list[bool]:
+    """Outcomes of positions 0..n-1, where `score(positions) -> list[bool]`. Under torchrun each rank
+    scores every world_size-th position (in chunks of batch_size) and the outcomes are summed across
+    ranks, so every rank returns the same full list, equal to a single-process run."""
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    ddp = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    mine = list(range(rank, n, world))
+    out = torch.zeros(n, dtype=torch.float32, device=device)
+    for k in range(0, len(mine), batch_size):
+        chunk = mine[k:k + batch_size]
+        out[chunk] = torch.tensor([float(v) for v in score(chunk)], device=device)
+    if world > 1:
+        dist.all_reduce(out)
+    return [bool(v) for v in out.tolist()]
 
 
 @torch.no_grad()
 def evaluate_task(model, tokenizer, data: list[dict], spec: TaskSpec, device="cpu",
                   max_per_task: int | None = None, max_len: int | None = None) -> list[bool]:
-    """Per-example outcomes (in subset order). Under torchrun each rank scores every world_size-th
-    example and the outcomes are summed across ranks, so every rank returns the full list."""
-    import torch.distributed as dist
-    rank, world = _dist_world()
+    """Per-example outcomes, in subset order, split across ranks under torchrun."""
     idx = subset_indices(len(data), max_per_task)
-    out = torch.zeros(len(idx), dtype=torch.float32, device=device)
-    for j in range(rank, len(idx), world):
-        out[j] = float(score_example(model, tokenizer, data, idx[j], spec, device, max_len))
-    if world > 1:
-        dist.all_reduce(out)
-    return [bool(v) for v in out.tolist()]
+    return distributed_outcomes(len(idx), lambda chunk: [
+        score_example(model, tokenizer, data, idx[j], spec, device, max_len) for j in chunk], device)
 
 
 def centered(acc: float, random_baseline: float) -> float:

@@ -83,11 +83,11 @@ ALWAYS = Oracle(lambda text: True)  # for LM: greedy reproduces any text
 class TinyLM(torch.nn.Module):
     """A random bigram model: real, deterministic, opinionated logits for the multi-process check."""
 
-    def __init__(self):
+    def __init__(self, vocab: int = 257):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.emb = torch.nn.Parameter(torch.randn(257, 16, generator=g))
-        self.head = torch.nn.Parameter(torch.randn(16, 257, generator=g))
+        self.emb = torch.nn.Parameter(torch.randn(vocab, 16, generator=g))
+        self.head = torch.nn.Parameter(torch.randn(16, vocab, generator=g))
 
     def forward(self, ids):
         return torch.tanh(self.emb[ids]) @ self.head
