@@ -23,6 +23,7 @@ import os
 import random
 import re
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -155,9 +156,11 @@ def download_shards(indices: Iterable[int], data_dir: str | os.PathLike | None =
     with Progress(TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[mb]:.0f} MB"),
                   TimeElapsedColumn(), disable=not progress, transient=False) as bar:
         task = bar.add_task("download", total=len(indices), completed=len(indices) - len(todo), mb=0.0)
-        got = [0]
+        got, stop = [0], threading.Event()
 
         def on_bytes(n):
+            if stop.is_set():  # Ctrl-C: leave the .partial file for next time, now
+                raise KeyboardInterrupt
             got[0] += n
             bar.update(task, mb=got[0] / 1e6)
 
@@ -170,9 +173,14 @@ def download_shards(indices: Iterable[int], data_dir: str | os.PathLike | None =
         failures = []
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             futures = {i: pool.submit(one, i) for i in todo}
-            for i, fut in futures.items():
-                if fut.exception() is not None:
-                    failures.append(f"{shard_name(i)} ({fut.exception()})")
+            try:
+                for i, fut in futures.items():
+                    if fut.exception() is not None:
+                        failures.append(f"{shard_name(i)} ({fut.exception()})")
+            except KeyboardInterrupt:
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(todo)} shards failed: " + "; ".join(failures))
     return [data_dir / shard_name(i) for i in indices]
@@ -331,6 +339,9 @@ def main(argv=None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"nanochat: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("nanochat: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     print(f"{len(paths)} shards ready in {paths[0].parent}")
     return 0
 

@@ -211,6 +211,28 @@ def test_eval_batches_feed_bits_per_byte(tmp_path):
     assert evaluate_bpb(Uniform(), batches, 3, token_bytes) == pytest.approx(math.log2(257))
 
 
+def test_with_the_real_tokenizer(tmp_path):
+    from nanochat.tokenizer import Tokenizer
+    files = make_demo_corpus(tmp_path, n_docs=600, seed=5, docs_per_shard=200)
+    texts = [t for t, _ in iter_documents(files[:-1])]
+    tok = Tokenizer.train_from_iterator(iter(texts), 400)
+    bos = tok.get_bos_token_id()
+    encoded = [tuple(ids) for ids in tok.encode(texts, prepend=bos)]
+    whole = set(encoded)
+    kw = dict(B=4, T=128, rank=1, world_size=2, buffer_size=50, tokenizer_batch_size=16)
+    loader = PackingLoader(tok, files[:-1], **kw)
+    for _ in range(3):
+        for row in rows_of(*next(loader)):
+            starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
+            assert starts[0] == 0
+            pieces = [tuple(row[a:b]) for a, b in zip(starts, starts[1:])]
+            for k, p in enumerate(pieces):
+                assert p in whole if k < len(pieces) - 1 else any(d[:len(p)] == p for d in encoded)
+    resumed = PackingLoader(tok, files[:-1], state=json.loads(json.dumps(loader.state_dict())), **kw)
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(next(loader), next(resumed)))
+
+
 @pytest.mark.shared_data
 def test_enwiki_rows(tmp_path):
     root = SHARED / "pretrain_enwiki"

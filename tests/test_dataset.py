@@ -175,6 +175,26 @@ def test_killed_download_leaves_no_final_file_and_resumes(server, tmp_path):
     assert server.requests(name)[-1] == f"bytes={have}-"
 
 
+def test_ctrl_c_stops_parallel_downloads_promptly(server, tmp_path):
+    big = parquet_bytes([os.urandom(3000).hex() for _ in range(100)])
+    for i in (0, 1):
+        server.files[shard_name(i)] = big
+    server.plan = {shard_name(0): ["slow"], shard_name(1): ["slow"]}
+    cmd = [sys.executable, "-m", "nanochat.dataset", "-n", "2", "--dir", str(tmp_path), "--url", server.url]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
+    part = tmp_path / (shard_name(0) + ".partial")
+    deadline = time.time() + 30
+    while not (part.exists() and part.stat().st_size > 0):
+        assert time.time() < deadline and proc.poll() is None, "the download never started"
+        time.sleep(0.02)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert time.time() - t0 < 3  # the slow transfers (~6 s each) were abandoned, not waited for
+    assert proc.returncode == 130 and "run the same command again to resume" in err
+    assert not (tmp_path / shard_name(0)).exists() and part.exists()
+
+
 def test_cli_downloads_train_and_val_shards(server, tmp_path, capsys):
     assert dataset.main(["-n", "2", "--dir", str(tmp_path), "--url", server.url]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [shard_name(0), shard_name(1), shard_name(MAX_SHARD)]
