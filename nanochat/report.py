@@ -219,7 +219,11 @@ def summary_table(stages: list[StageData]) -> dict[str, dict[str, float]]:
     rows = {_norm(r): r for r in SUMMARY_ROWS}
     out: dict[str, dict[str, float]] = {r: {} for r in SUMMARY_ROWS}
     for sd in stages:
+        # a CORE task (one with a centered score) is not the chat eval of the same name
+        core_tasks = {e.get("task") for e in sd.kind("eval") if e.get("metric") == "centered"}
         for e in sd.kind("eval"):
+            if e.get("task") in core_tasks:
+                continue
             row = rows.get(_norm(e.get("task", "")))
             ph = phase_of(e, sd.name)
             if row is None or ph is None:

@@ -36,6 +36,7 @@ import psutil
 
 from nanochat.common import atomic_write, runs_dir
 from nanochat.events import EVENTS_FILE, EventReader
+from nanochat.stage import STOPPED_EXIT_CODE
 
 STATUSES = ("pending", "running", "succeeded", "failed", "stopped", "skipped")
 STATE_FILE, CONFIG_FILE, LOCK_FILE, STATE_LOCK, DRIVER_LOG = \
@@ -524,8 +525,8 @@ def _finish_stage(run_dir: Path, s: dict, rc: int | None, stop_requested: bool) 
     evs = _events_since(run_dir, s)
     end = next((e for e in reversed(evs) if e.get("kind") == "end"), None)
     err = next((e for e in reversed(evs) if e.get("kind") == "error"), None)
-    if end is not None and end.get("status") == "stopped":
-        status = "stopped"
+    if end is not None and end.get("status") == "stopped" and (stop_requested or rc in (None, 0, STOPPED_EXIT_CODE)):
+        status = "stopped"  # (a stage torchrun stopped because another worker died is a failure)
     elif end is not None and err is None and rc in (0, None):
         status = "succeeded"
     elif rc == 0 and err is None:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from nanochat.common import atomic_write
 from nanochat.events import EventWriter
-
-STOPPED_EXIT_CODE = 143
+from nanochat.stage import STOPPED_EXIT_CODE
 
 
 def parse_args(argv=None):
@@ -42,7 +41,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     run_dir = Path(args.run_dir)
-    ev = EventWriter(run_dir, args.stage_name)
+    rank = int(os.environ.get("RANK", 0))  # under torchrun: only rank 0 writes events and checkpoints
+    ev = EventWriter(run_dir, args.stage_name, rank=rank)
     ckpt = run_dir / args.stage_name / "fake_ckpt.json"
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, signal.SIG_IGN if args.ignore_term else lambda *_: stop.update(flag=True))
@@ -52,11 +52,13 @@ def main(argv=None) -> int:
     if args.resume and ckpt.exists():
         start = json.loads(ckpt.read_text())["step"]
         ev.emit("log", message=f"resumed from step {start}", step=start)
-    if args.child:
+    if args.child and not rank:
         helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         ev.emit("log", message="helper", helper_pid=helper.pid)
 
     def save(step):
+        if rank:
+            return
         atomic_write(ckpt, json.dumps({"step": step}))
         ev.checkpoint(step=step, path=str(ckpt))
 

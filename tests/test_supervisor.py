@@ -301,3 +301,70 @@ def test_retry_skip_and_start_from_a_stage(runs):
     st = wait_done(d2)
     assert [s["status"] for s in st["stages"]] == ["skipped", "succeeded"] and st["status"] == "succeeded"
     assert not (d2 / "a").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_stage_worker_killed_then_stopped(runs, tmp_path):
+    """Two processes through torchrun: SIGKILL of one worker fails the stage; stop leaves no worker behind."""
+    d = sv.create_run("demo", ["run.nproc_per_node=2"], stages=[fake("a", "--steps", 400, "--sleep", 0.05)],
+                      root=tmp_path / "runs")
+    sv.start_run(d)
+    wait_for(lambda: len(steps_of(d, "a")) >= 2, 60, "the workers' first steps")
+    a = stage(d, "a")
+    assert "torch.distributed.run" in a["cmd"] and "--nproc_per_node=2" in a["cmd"]
+    workers = [p for p in psutil.Process(a["pid"]).children(recursive=True) if "tests.fake_stage" in p.cmdline()]
+    assert len(workers) == 2
+    victim = next(p for p in workers if p.environ().get("RANK") == "1")
+    victim.kill()
+    st = wait_done(d, 60)
+    a = st["stages"][0]
+    assert a["status"] == "failed" and a["exit_code"] not in (0, None), a
+    assert any("-9" in ln or "SIGKILL" in ln for ln in a["traceback"]), a["traceback"]
+    for p in workers:
+        assert gone(p.pid)
+
+    sv.resume_run(d)
+    wait_for(lambda: stage(d, "a")["status"] == "running" and len(steps_of(d, "a")) >= 4, 60, "the resumed steps")
+    a = stage(d, "a")
+    workers = [p.pid for p in psutil.Process(a["pid"]).children(recursive=True)]
+    sv.stop_run(d, timeout=10)
+    a = stage(d, "a")
+    assert a["status"] == "stopped", a
+    assert all(gone(pid) for pid in [a["pid"], *workers]) and not sv.group_members(a)
+
+
+@pytest.mark.slow
+def test_real_base_train_stage_stop_and_resume(tiny_run, monkeypatch):
+    """One real stage under the supervisor: stopped mid-training, it checkpoints; resumed, it continues."""
+    from nanochat.checkpoint import ckpt_dir, latest_step
+    from nanochat.report import build_report
+    run_dir, base = tiny_run
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    sets = ["base_train.num_iterations=300", "base_train.save_every=1000", "base_train.eval_every=-1"]
+    sv.init_run(run_dir, stages=[{"name": "base_train", "args": [a for s in sets for a in ("--set", s)]}])
+    sv.start_run(run_dir)
+    try:
+        wait_for(lambda: len(steps_of(run_dir, "base_train")) >= 3, 120, "base_train's first steps")
+    finally:
+        sv.stop_run(run_dir, timeout=60)
+    s = stage(run_dir, "base_train")
+    assert s["status"] == "stopped" and s["exit_code"] == 143, s
+    evs, _ = read_events(run_dir / "base_train" / "events.jsonl")
+    ck = [e for e in evs if e["kind"] == "checkpoint"]
+    assert len(ck) == 1 and latest_step(ckpt_dir(run_dir, "base")) == ck[0]["step"] < 300
+    assert evs[-1]["kind"] == "end" and evs[-1]["status"] == "stopped"
+
+    with sv.state_txn(run_dir) as st:  # finish quickly once resumed
+        st["stages"][0]["args"] = ["--set", "base_train.num_iterations=%d" % (ck[0]["step"] + 5), *st["stages"][0]["args"][2:]]
+    sv.resume_run(run_dir)
+    st = wait_done(run_dir, 120)
+    assert st["stages"][0]["status"] == "succeeded", st["stages"][0]
+    evs, _ = read_events(run_dir / "base_train" / "events.jsonl")
+    resumed = [e for e in evs if e.get("message", "").startswith("resumed from step")]
+    assert resumed and resumed[0]["step"] == ck[0]["step"]
+    later = [e["step"] for e in evs if e["kind"] == "step" and e["ts"] > resumed[0]["ts"]]
+    assert later == list(range(ck[0]["step"] + 1, ck[0]["step"] + 6))
+    end = evs[-1]
+    assert end["kind"] == "end" and end["status"] == "ok"
+    assert f"Parameters: {end['num_params']:,}" in build_report(run_dir)
