@@ -55,7 +55,7 @@ class PackingLoader:
             buffer_size, tokenizer_batch_size, num_threads, loop)
         self.epoch, self.cursor = 1, None  # cursor: position of the last document read from the corpus
         self._lens: list[int] = []         # buffer, kept sorted by token count ...
-        self._docs: list[tuple[list[int], list[int]]] = []  # ... as (tokens, position) pairs
+        self._docs: list[tuple[np.ndarray, list[int]]] = []  # ... as (tokens, position) pairs
         self.tokens_read = self.tokens_cropped = 0  # statistics: how much of what was read got cut away
         if state is not None:
             self._load_state(state)
@@ -70,7 +70,7 @@ class PackingLoader:
         for toks, pos in zip(self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.num_threads), positions):
             self.tokens_read += len(toks)
             self.tokens_cropped += max(0, len(toks) - self.T - 1)
-            toks = list(toks[: self.T + 1])
+            toks = np.asarray(toks[: self.T + 1], dtype=np.int64)  # ~4x smaller than a list of ints
             i = bisect_right(self._lens, len(toks))  # after equal lengths: the order stays deterministic
             self._lens.insert(i, len(toks))
             self._docs.insert(i, (toks, pos))
@@ -98,7 +98,7 @@ class PackingLoader:
             self._add(texts, positions)
         return bool(texts)
 
-    def _take(self, space: int) -> list[int]:
+    def _take(self, space: int):
         """The largest buffered document that fits in `space`, else the shortest one cropped to it."""
         while len(self._lens) < self.buffer_size and self._refill():
             pass

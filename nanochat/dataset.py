@@ -83,8 +83,10 @@ def _fetch_once(url: str, part: Path, timeout: float, on_bytes: Callable[[int], 
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # our partial is not a prefix of what is there now: start over
-            part.unlink()
+        if e.code == 416 and have:  # nothing after our bytes: either we have it all already ...
+            if e.headers.get("Content-Range", "") == f"bytes */{have}":
+                return
+            part.unlink()  # ... or our partial is not a prefix of what is there now: start over
         raise
     with resp:
         if resp.status == 206:  # a continuation: it must start exactly where our partial file ends
@@ -120,7 +122,7 @@ def download_file(url: str, dest: Path, *, attempts: int = 5, backoff: float = 1
         return dest
     part = dest.with_name(dest.name + ".partial")
     last: BaseException | None = None
-    for attempt in range(attempts):
+    for attempt in range(max(1, attempts)):
         try:
             _fetch_once(url, part, timeout, on_bytes)
             if not _looks_complete(part, dest.name):

@@ -60,6 +60,12 @@ class FlakyServer:
                     self.close_connection = True
                     return
                 start = int(rng.split("=")[1].split("-")[0]) if rng and how != "norange" else 0
+                if start >= len(data):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = data[start:]
                 if how == "garbage":
                     body = bytes(len(body))
@@ -130,6 +136,18 @@ def test_download_restarts_when_server_ignores_range(server, shards, tmp_path):
     download_file(f"{server.url}/{name}", tmp_path / name, backoff=0.01)
     assert (tmp_path / name).read_bytes() == shards[name]
     assert server.requests(name)[1] is not None  # it asked for a range, got 200, and started over
+
+
+def test_a_complete_partial_is_finished_without_refetching(server, shards, tmp_path):
+    name = shard_name(0)  # a crash between the last write and the rename leaves a whole .partial
+    (tmp_path / (name + ".partial")).write_bytes(shards[name])
+    download_file(f"{server.url}/{name}", tmp_path / name, backoff=0.01)
+    assert (tmp_path / name).read_bytes() == shards[name]
+    assert server.requests(name) == [f"bytes={len(shards[name])}-"]  # answered 416, nothing re-sent
+    other = shard_name(1)  # a .partial longer than the file on the server: not ours, start over
+    (tmp_path / (other + ".partial")).write_bytes(shards[other] + b"junk")
+    download_file(f"{server.url}/{other}", tmp_path / other, backoff=0.01)
+    assert (tmp_path / other).read_bytes() == shards[other] and len(server.requests(other)) == 2
 
 
 def test_download_gives_up_with_a_clear_error_and_no_final_file(server, tmp_path, monkeypatch):
