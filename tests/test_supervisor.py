@@ -368,3 +368,15 @@ def test_real_base_train_stage_stop_and_resume(tiny_run, monkeypatch):
     end = evs[-1]
     assert end["kind"] == "end" and end["status"] == "ok"
     assert f"Parameters: {end['num_params']:,}" in build_report(run_dir)
+
+
+def test_sigterm_to_the_driver_stops_the_run(runs):
+    d = runs(fake("a", "--steps", 400, "--sleep", 0.05), fake("b"))
+    driver = sv.start_run(d)
+    wait_for(lambda: len(steps_of(d, "a")) >= 1, what="a's first step")
+    pid = stage(d, "a")["pid"]
+    os.kill(driver, signal.SIGTERM)
+    wait_for(lambda: gone(driver) and gone(pid), 15, "driver and stage to end")
+    st = sv.read_state(d)
+    assert [s["status"] for s in st["stages"]] == ["stopped", "pending"] and st["stop_requested"]
+    assert st["stages"][0]["exit_code"] == 143 and st["driver"] is None
