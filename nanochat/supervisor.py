@@ -588,7 +588,8 @@ def drive(run_dir) -> int:
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = open(run_dir / LOCK_FILE).read().strip() or "?"
+        os.close(lock_fd)
+        holder = (run_dir / LOCK_FILE).read_text().strip() or "?"
         print(f"nanochat: error: run {run_dir.name} is already driven by supervisor pid {holder}; "
               "two supervisors never drive the same run", file=sys.stderr, flush=True)
         return 3
