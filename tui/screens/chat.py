@@ -281,8 +281,8 @@ class ChatScreen(Screen):
                 self.conv["messages"].append({"role": "assistant", "content": msg.content()})
                 self.generating = False
                 self._current = None
-                dt = time.perf_counter() - self._t0
-                self._status(f"ready · {item.get('tokens') or self.tokens_rendered} tokens in {dt:.1f}s"
+                self.last_duration = time.perf_counter() - self._t0  # kept off screen: snapshots stay stable
+                self._status(f"ready · {item.get('tokens') or self.tokens_rendered} tokens"
                              + (" (stopped)" if item.get("reason") == "stopped" else ""))
                 break
         if buf:
