@@ -224,6 +224,19 @@ def test_multibyte_characters_stream_whole(tok):
     assert len(texts) == len(text), "each character should arrive as soon as its last byte does"
 
 
+def test_multibyte_streaming_with_the_real_tokenizer(tiny_tokenizer_dir):
+    from nanochat.tokenizer import Tokenizer
+    tok = Tokenizer.load(tiny_tokenizer_dir)
+    text = "naïve café → 世界 🙂 done"
+    seq = [tok.encode_special("<|assistant_start|>")] + tok.encode(text) + [tok.encode_special("<|assistant_end|>")]
+    assert len(seq) - 2 > len(text.split()), "expected some characters split over several tokens"
+    engine = Engine(PositionScript(seq, tok.get_vocab_size()), tok)
+    events = list(engine.stream_chat({"messages": [{"role": "user", "content": "hi"}]}, temperature=0.0))
+    texts = [e["text"] for e in events if e["type"] == "text"]
+    assert "".join(texts) == text and all("\ufffd" not in t for t in texts)
+    assert events[-1] == {"type": "done", "reason": "stop", "tokens": len(seq) - 2}
+
+
 class PositionScript(BigramModel):
     """Predicts seq[k+1] after the k-th token of `seq` has been seen at the end of the input so far."""
 
