@@ -50,9 +50,14 @@ def main(ctx: StageContext) -> dict:
             ctx.events.emit("log", message=message, phase=phase, done=done, total=total, elapsed_s=round(now - t0, 2))
         return True
 
-    texts = (text for text, _ in iter_documents(files))
+    replacement_chars = [0]  # invalid UTF-8 in the files arrives here already replaced by nanochat.dataset
+
+    def texts():
+        for text, _ in iter_documents(files):
+            replacement_chars[0] += text.count("\ufffd")
+            yield text
     try:
-        tok = Tokenizer.train_from_iterator(texts, cfg["vocab_size"], progress,
+        tok = Tokenizer.train_from_iterator(texts(), cfg["vocab_size"], progress,
                                             doc_cap=cfg["doc_cap"], max_chars=cfg["max_chars"])
     except InterruptedError:
         return {}  # stop requested: nothing half-trained is saved
@@ -63,13 +68,16 @@ def main(ctx: StageContext) -> dict:
     st = tok.train_stats
     ctx.events.emit("log", message=f"learnt {st['merges']:,} merges in {train_time:.1f}s", phase="done",
                     merges=st["merges"], elapsed_s=round(train_time, 2))
+    if replacement_chars[0]:
+        ctx.events.emit("log", message=f"{replacement_chars[0]:,} U+FFFD characters in the training text "
+                                       "(invalid UTF-8 in the data files, replaced when read)")
     if tok.get_vocab_size() < cfg["vocab_size"]:
         ctx.events.emit("log", message=f"the corpus ran out of pairs: vocabulary is {tok.get_vocab_size()} "
                                        f"instead of {cfg['vocab_size']}")
     lengths = [b for b in tok.token_bytes() if b]
     summary = dict(vocab_size=tok.get_vocab_size(), merges=st["merges"], train_chars=st["chars"],
                    train_docs=st["docs"], train_bytes=st["bytes"], capped_docs=st["capped_docs"],
-                   replaced_utf8=st["replaced"], unique_chunks=st["unique_chunks"], train_time_s=round(train_time, 3),
+                   replaced_utf8=st["replaced"], replacement_chars=replacement_chars[0], unique_chunks=st["unique_chunks"], train_time_s=round(train_time, 3),
                    mean_token_bytes=round(sum(lengths) / len(lengths), 3), max_token_bytes=max(lengths),
                    tokenizer_dir=str(out_dir))
     print0(f"[tok_train] saved {out_dir}: {summary}")

@@ -46,6 +46,20 @@ def test_tok_train_then_tok_eval(tmp_path, tiny_corpus):
     assert events[-1]["bytes_per_token_val"] == evals["val"]["value"]
 
 
+def test_invalid_utf8_in_files_is_replaced_and_counted(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_bytes(b"caf\xc3\xa9 ok\n\nbad \xff\xfe bytes\n\ntrunc \xe4\xb8\n\n" * 50)
+    (data / "b.txt").write_bytes(b"validation \xff")
+    run_dir, base = make_run(tmp_path, data, "tokenizer.vocab_size=300")
+    run_stage("stages.tok_train", run_dir, base_dir=base)
+    events, _ = read_events(run_dir / "tok_train" / "events.jsonl")
+    assert events[-1]["replacement_chars"] == 3 * 50
+    assert any("U+FFFD" in e.get("message", "") for e in events)
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    assert tok.decode(tok.encode("bad \ufffd\ufffd")) == "bad \ufffd\ufffd"
+
+
 def test_errors_are_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

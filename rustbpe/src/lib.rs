@@ -83,7 +83,7 @@ pub unsafe extern "C" fn rb_trainer_train(t: *mut Trainer, n_merges: u32, progre
     }
     let t = &mut *t;
     guard(|| {
-        let cb = |phase: u32, done: u64, total: u64| progress.map_or(true, |f| f(phase, done, total) == 0);
+        let cb = |phase: u32, done: u64, total: u64| progress.is_none_or(|f| f(phase, done, total) == 0);
         match t.train(n_merges, cb) {
             Ok(merges) => {
                 let out = std::slice::from_raw_parts_mut(out, 2 * n_merges as usize);

@@ -452,12 +452,12 @@ fn merge_loop(
         }
 
         let done = merges.len() as u32;
-        if done % report_every == 0 && !progress(done as u64, n_merges as u64) {
+        if done.is_multiple_of(report_every) && !progress(done as u64, n_merges as u64) {
             return Err(TrainError::Aborted);
         }
     }
     // the last report, also when the corpus ran out of pairs early
-    if merges.len() as u32 % report_every != 0 && !progress(merges.len() as u64, n_merges as u64) {
+    if !(merges.len() as u32).is_multiple_of(report_every) && !progress(merges.len() as u64, n_merges as u64) {
         return Err(TrainError::Aborted);
     }
     Ok(merges)
