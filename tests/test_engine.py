@@ -76,6 +76,37 @@ def test_cached_logits_match_uncached(model):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
+def test_fast_decode_step_matches_the_model(model, tok):
+    """The engine's hand-written one-token step computes what GPT.forward computes (GQA, value embeddings,
+    a sliding-window layer whose window of 32 is crossed)."""
+    engine = Engine(model, tok)
+    assert engine.fast_decode
+    torch.manual_seed(2)
+    ids = torch.randint(0, 256, (3, 60))
+    with torch.inference_mode():
+        full = model(ids)
+        cache = KVCache(3, 2, 60, 16, 3)
+        got = [engine._prefill(ids[:, :10], cache)]
+        assert got[0].shape == (3, 265)
+        engine._decode_setup(10, 60)
+        got += [engine._decode_step(ids[:, t:t + 1], cache) for t in range(10, 60)]
+    torch.testing.assert_close(torch.stack(got, dim=1), full[:, 9:], atol=1e-4, rtol=1e-4)
+    # batch 1 takes another lm_head layout; and a weight update (as in RL) must reach the decoder
+    with torch.inference_mode():
+        cache = KVCache(1, 2, 12, 16, 3)
+        engine._prefill(ids[:1, :10], cache)
+        engine._decode_setup(10, 12)
+        torch.testing.assert_close(engine._decode_step(ids[:1, 10:11], cache), full[:1, 10], atol=1e-4, rtol=1e-4)
+        model.lm_head.weight.mul_(2)
+        cache.pos = 10
+        engine._decode_setup(10, 12)
+        new = engine._decode_step(ids[:1, 10:11], cache)
+        cache.pos = 10
+        ref = model(ids[:1, :11])[:, -1]
+        model.lm_head.weight.div_(2)
+    torch.testing.assert_close(new, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_greedy_equals_repeated_full_forward(model, tok):
     prompt = tok.encode("The quick brown fox")
     n = 40  # 19 + 40 positions: crosses the 32-token sliding window
