@@ -84,6 +84,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--model-forward", action="store_true",
+                   help="decode through GPT.forward instead of the engine's one-token fast path (for comparison)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,10 +103,11 @@ def main(argv=None):
         what = f"random-init depth {args.depth}"
     cfg = model.config
     engine = Engine(model, tokenizer)
+    engine.fast_decode = engine.fast_decode and not args.model_forward
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     rows, result = [], {"model": what, "device": str(device), "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
                         "vocab_size": cfg.vocab_size, "prompt_tokens": args.prompt, "new_tokens": args.new,
-                        "threads": torch.get_num_threads(), "dtype": str(engine.cache_dtype).replace("torch.", "")}
+                        "threads": torch.get_num_threads(), "fast_decode": engine.fast_decode, "dtype": str(engine.cache_dtype).replace("torch.", "")}
     for batch in [int(b) for b in args.batches.split(",")]:
         run_once(engine, prompt, batch, min(args.new, 16), args.temperature, args.top_k)  # warm-up
         runs = [run_once(engine, prompt, batch, args.new, args.temperature, args.top_k) for _ in range(args.repeats)]
