@@ -19,6 +19,7 @@ import importlib.machinery
 import json
 import os
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -112,17 +113,18 @@ def _to_utf8(doc: str | bytes) -> tuple[bytes, int]:
 
 def train_merges(texts: Iterable[str | bytes], n_merges: int, progress: Callable | None = None, *,
                  doc_cap: int = 0, max_chars: int = 0, num_threads: int | None = None,
-                 buffer_bytes: int = 8 << 20) -> tuple[list[tuple[int, int]], dict]:
+                 buffer_bytes: int | None = None) -> tuple[list[tuple[int, int]], dict]:
     """Learn up to `n_merges` BPE merges from `texts` -> (merges as id pairs, statistics).
 
-    Texts are streamed to Rust in buffers of about `buffer_bytes`, so the corpus never has to fit in
-    memory. Each text is cut to `doc_cap` characters, and reading stops after `max_chars` characters
+    Texts are streamed to Rust in buffers of about `buffer_bytes` (default: 8 MB, or 1 MB per thread
+    with more threads), so the corpus never has to fit in memory. Each text is cut to `doc_cap` characters, and reading stops after `max_chars` characters
     (0: no limit). `progress(phase, done, total)` is called with phase "read" (characters so far),
     "count" (distinct chunks) and "merge" (merges so far); if it returns False, training stops with
     InterruptedError. Invalid UTF-8 in bytes texts becomes U+FFFD and is counted in stats["replaced"].
     """
     lib = _rust()
     num_threads = num_threads or len(os.sched_getaffinity(0))
+    buffer_bytes = buffer_bytes or max(8 << 20, num_threads << 20)
     trainer = lib.rb_trainer_new(num_threads, max(0, doc_cap or 0), max(0, max_chars or 0))
     error: list[BaseException] = []
 
@@ -140,35 +142,49 @@ def train_merges(texts: Iterable[str | bytes], n_merges: int, progress: Callable
         lib.rb_trainer_stats(trainer, out, len(out))
         return dict(zip(_STATS, out))
 
+    def feed(data: bytes, lens: array) -> bool:
+        """Counts one buffer (on the feeder thread: ctypes releases the GIL); True once max_chars is hit."""
+        c_lens = (ctypes.c_uint64 * len(lens)).from_buffer(lens)
+        rc = lib.rb_trainer_feed(trainer, data, len(data), c_lens, len(lens))
+        if rc < 0:
+            raise RuntimeError(f"rustbpe feed failed: {_ERRORS.get(rc, rc)}")
+        return rc == 1
+
     try:
-        replaced, buf, lens, size, limit = 0, [], array("Q"), 0, False
+        # Rust counts one buffer on a feeder thread while this thread pulls the next one from the iterator
+        with ThreadPoolExecutor(1, thread_name_prefix="rustbpe-feed") as feeder:
+            replaced, buf, lens, size, pending, limit = 0, [], array("Q"), 0, None, False
 
-        def flush() -> bool:
-            data = b"".join(buf)
-            c_lens = (ctypes.c_uint64 * len(lens)).from_buffer(lens) if lens else None
-            rc = lib.rb_trainer_feed(trainer, data, len(data), c_lens, len(lens))
-            del c_lens  # releases `lens` so that it can be cleared
-            if rc < 0:
-                raise RuntimeError(f"rustbpe feed failed: {_ERRORS.get(rc, rc)}")
-            buf.clear()
-            del lens[:]
-            return rc == 1
-
-        for doc in texts:
-            data, bad = _to_utf8(doc)
-            replaced += bad
-            buf.append(data)
-            lens.append(len(data))
-            size += len(data)
-            if size >= buffer_bytes:
-                size = 0
-                limit = flush()
+            def wait() -> bool:  # for the buffer in flight; -> max_chars reached. stats() is safe between feeds
+                nonlocal pending
+                if pending is None:
+                    return False
+                reached, pending = pending.result(), None
                 if not report("read", stats()["chars"], max_chars or 0):
                     raise error[0] if error else InterruptedError("tokenizer training was stopped")
-                if limit:
-                    break
-        if buf and not limit:
-            flush()
+                return reached
+
+            def submit() -> bool:
+                nonlocal pending
+                if wait():
+                    return True
+                pending = feeder.submit(feed, b"".join(buf), lens)
+                return False
+
+            for doc in texts:
+                data, bad = _to_utf8(doc)
+                replaced += bad
+                buf.append(data)
+                lens.append(len(data))
+                size += len(data)
+                if size >= buffer_bytes:
+                    limit = submit()
+                    if limit:
+                        break
+                    buf, lens, size = [], array("Q"), 0
+            if buf and not limit:
+                submit()
+            wait()
         st = stats()
         st["replaced"] += replaced
         if st["chars"] == 0:

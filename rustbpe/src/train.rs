@@ -162,11 +162,20 @@ impl Trainer {
             return Err(TrainError::AlreadyTrained);
         }
         self.trained = true;
+        // Add up the per-thread tables pairwise, in parallel: log2(n_threads) rounds.
         let mut maps = std::mem::take(&mut self.counts);
-        let mut chunks = maps.swap_remove(0);
-        for m in maps {
-            chunks.merge(m);
+        while maps.len() > 1 {
+            let rest = maps.split_off(maps.len().div_ceil(2));
+            std::thread::scope(|scope| {
+                for (a, mut b) in maps.iter_mut().zip(rest) {
+                    if a.len() < b.len() {
+                        std::mem::swap(a, &mut b); // insert the smaller table into the bigger one
+                    }
+                    scope.spawn(move || a.merge(b));
+                }
+            });
         }
+        let chunks = maps.pop().expect("at least one table");
         self.stats.unique_chunks = chunks.len() as u64;
         if !progress(1, chunks.len() as u64, chunks.len() as u64) {
             return Err(TrainError::Aborted);
