@@ -48,6 +48,26 @@ def test_reader_tails_incrementally_and_sees_new_stages(tmp_path):
     assert m.loss["base_train"].xs[-1] == 10 and m.out_of_order == 0
 
 
+def test_big_file_bulk_read_matches_line_reader_and_falls_back(tmp_path):
+    from nanochat.events import read_events
+    r = FakeRun(tmp_path)
+    r.steps("base_train", 0, 9000, total=9000)  # > 1 MiB: the bulk path
+    path = r.dir / "base_train" / "events.jsonl"
+    assert path.stat().st_size > 1 << 20
+    reader = RunReader(r.dir)
+    assert reader.poll() == read_events(path)[0] and reader.poll() == []
+    r.steps("base_train", 9000, 1, total=9001)
+    assert [e["step"] for e in reader.poll()] == [9000]
+    with open(path, "a") as f:
+        f.write("{not json\n")
+    r.steps("base_train", 9001, 2, total=9003)
+    m = load_run(r.dir)  # malformed line: line-by-line fallback skips and counts it
+    assert m.loss["base_train"].xs == list(range(9003)) and m.out_of_order == 0
+    reader = RunReader(r.dir)
+    reader.poll()
+    assert reader.malformed == 1
+
+
 def test_nan_and_spike_become_alerts_once(tmp_path):
     m = RunModel(tmp_path)
     evs = [{"kind": "step", "stage": "base_train", "step": i, "loss": 3.0 + 0.01 * (i % 3)} for i in range(40)]

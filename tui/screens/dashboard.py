@@ -164,7 +164,9 @@ class DashboardScreen(Screen):
                                ("  events ", "dim"), str(model.n_events))
         if n_alerts:
             status.append(f"  ⚠ {n_alerts} alert(s) (5)", style="bold #ffb454")
-        self.query_one("#dash-status", Static).update(status)
+        if status.plain != getattr(self, "_status_plain", None):
+            self._status_plain = status.plain
+            self.query_one("#dash-status", Static).update(status)
         if plots and self._dirty:
             self._dirty = False
             loss = [(n, s.xs, s.ys) for n, s in model.loss.items()]

@@ -59,7 +59,11 @@ class RunsScreen(Screen):
             t.add_column(col, key=col, width=w)
         self._rows: dict[str, RunSummary] = {}
         self.action_refresh()
-        self.set_interval(2.0, self.action_refresh)
+        self.set_interval(2.0, self._auto_refresh)
+
+    def _auto_refresh(self):
+        if self.is_current:  # a screen hidden under the dashboard does no work
+            self.action_refresh()
 
     def on_screen_resume(self):
         self.action_refresh()

@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from ..runmodel import RunModel, StageState
+from ..runmodel import RunModel, StageState, fnum
 from .plot import fmt_num
 
 GLYPH = {"pending": ("·", "dim"), "running": ("▶", "bold #4fc1ff"), "succeeded": ("✓", "#7fd962"),
@@ -61,20 +61,34 @@ class Pipeline(OptionList):
         return self.get_option_at_index(self.highlighted).id
 
 
-class StatsPanel(Static):
+class _Cached(Static):
+    """A Static that skips re-rendering when what it would show has not changed (keeps idle CPU low)."""
+    _key = None
+
+    def changed(self, key) -> bool:
+        if key == self._key:
+            return False
+        self._key = key
+        return True
+
+
+class StatsPanel(_Cached):
     def show(self, model: RunModel | None, stage: str | None, wall: float, cost: float):
+        info = model.stages.get(stage) if (model and stage) else None
+        if not self.changed((stage, info and (info.step, info.loss, info.ended), int(wall), round(cost, 2))):
+            return
         t = Table.grid(padding=(0, 1))
         t.add_column(style="dim", no_wrap=True)
         t.add_column(no_wrap=True)
-        info = model.stages.get(stage) if (model and stage) else None
         if info:
             t.add_row("stage", stage)
             t.add_row("step", f"{info.step}/{info.total_steps}" if info.total_steps else str(info.step))
             t.add_row("loss", fmt_num(info.loss) if info.loss is not None else "-")
-            t.add_row("tok/s", fmt_num(info.tok_per_sec) if info.tok_per_sec is not None else "-")
-            t.add_row("MFU", f"{100 * info.mfu:.1f}%" if info.mfu is not None and math.isfinite(info.mfu) else "-")
-            t.add_row("tokens", fmt_num(info.tokens) if isinstance(info.tokens, (int, float)) else "-")
-            t.add_row("ETA", fmt_duration(info.eta_s) if not info.ended else "done")
+            tps, mfu, tokens = fnum(info.tok_per_sec), fnum(info.mfu), fnum(info.tokens)  # None/"nan" -> NaN
+            t.add_row("tok/s", fmt_num(tps) if math.isfinite(tps) else "-")
+            t.add_row("MFU", f"{100 * mfu:.1f}%" if math.isfinite(mfu) else "-")
+            t.add_row("tokens", fmt_num(tokens) if math.isfinite(tokens) else "-")
+            t.add_row("ETA", fmt_duration(fnum(info.eta_s)) if not info.ended else "done")
         else:
             t.add_row("stage", "-")
         t.add_row("wall", fmt_duration(wall))
@@ -82,8 +96,10 @@ class StatsPanel(Static):
         self.update(t)
 
 
-class GpuPanel(Static):
+class GpuPanel(_Cached):
     def show(self, gpus: list | None, error: str = ""):
+        if not self.changed((repr(gpus), error)):
+            return
         if not gpus:
             self.update(Text(error or "no GPU stats yet", style="dim"))
             return
@@ -100,8 +116,10 @@ class GpuPanel(Static):
         self.update(t)
 
 
-class HostPanel(Static):
+class HostPanel(_Cached):
     def show(self, h):
+        if not self.changed(repr(h)):
+            return
         if h is None:
             self.update(Text("host stats unavailable", style="dim"))
             return
