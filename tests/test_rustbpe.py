@@ -106,7 +106,14 @@ def enwiki_docs(max_chars: int) -> list[str]:
 # characters that exercise every branch of the pattern, mixed with arbitrary assigned characters
 TRICKY = list(" \t\n\r\x0b\x0c\x85\xa0\u1680\u2028\u2029\u3000\x1c\x1f'sSdDmMtTlLvVeErRſkK0123456789٣²Ⅷ½"
               "aZéß中文日本한국😀👍🏽\u200d\u0301\u094d!?.,;:-()[]\"#$%&*+/<=>@\\^_`{|}~")
+# The tables follow the Unicode version of the Python that generated them (14.0 for 3.11), `regex` its own
+# (newer) one: compare on characters both know. On another Python, fall back to those of Unicode 3.2.
+SAME_UNICODE = unicode_version() == unicodedata.unidata_version
+OTHER_PYTHON = (f"the tables are Unicode {unicode_version()}, this Python's unicodedata is "
+                f"{unicodedata.unidata_version} (python tools/gen_unicode_tables.py regenerates them)")
 assigned = st.characters(blacklist_categories=("Cs", "Cn"))  # Cn: unassigned in this Python's Unicode
+if not SAME_UNICODE:
+    assigned = assigned.filter(lambda c: unicodedata.ucd_3_2_0.category(c) != "Cn")
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -123,6 +130,7 @@ def test_split_examples():
         assert split_text(text) == PAT.findall(text)
 
 
+@pytest.mark.skipif(not SAME_UNICODE, reason=OTHER_PYTHON)
 def test_char_classes_match_regex_module_for_every_assigned_codepoint():
     cps = [c for c in range(0x110000) if not 0xD800 <= c < 0xE000 and unicodedata.category(chr(c)) != "Cn"]
     text = "".join(map(chr, cps))
@@ -133,9 +141,9 @@ def test_char_classes_match_regex_module_for_every_assigned_codepoint():
     got = [char_class(c) for c in cps]
     bad = [(hex(c), e, g) for c, e, g in zip(cps, expected, got) if e != g]
     assert not bad, f"{len(bad)} codepoints differ, first: {bad[:5]}"
-    assert unicode_version() == unicodedata.unidata_version
 
 
+@pytest.mark.skipif(not SAME_UNICODE, reason=OTHER_PYTHON)
 def test_unicode_tables_are_up_to_date():
     import subprocess
     repo = Path(__file__).resolve().parents[1]
