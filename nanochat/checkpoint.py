@@ -130,9 +130,10 @@ def load_model(run_dir, phase: str, step: int | None = None, device=None):
     model.init_weights()  # buffers such as rotary tables are not in the state dict
     model.load_state_dict(model_state, strict=True, assign=True)
     model.eval()
-    tok_dir = Path(meta.get("tokenizer_dir") or "")
-    if not tok_dir.is_dir():
-        # the run's tokenizer: <run_dir>/tokenizer, found from the checkpoint's location
-        tok_dir = directory.resolve().parents[1] / "tokenizer"
+    # the run's tokenizer is <run_dir>/tokenizer, found from the checkpoint's own location so that a
+    # moved or copied run still loads; the path recorded at save time is the fallback
+    tok_dir = directory.resolve().parents[1] / "tokenizer"
+    if not tok_dir.is_dir() and meta.get("tokenizer_dir"):
+        tok_dir = Path(meta["tokenizer_dir"])
     tokenizer = Tokenizer.load(tok_dir)
     return model, tokenizer, meta
