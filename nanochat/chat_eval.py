@@ -127,11 +127,14 @@ def evaluate_chat_task(task, model, tokenizer, engine=None, device="cpu", max_pr
 
 
 def run_chat_eval(model, tokenizer, task_names: list[str], engine=None, device="cpu", max_problems=None,
-                  batch_size: int = 8, on_task=None, tasks: dict | None = None, **gen) -> dict:
+                  batch_size: int = 8, on_task=None, tasks: dict | None = None, stop=None, **gen) -> dict:
     """Evaluate the named tasks. Returns {"tasks": {name: {acc, centered, n, seconds}}, "chatcore", "partial"}.
-    `tasks` may supply task objects by name (tests, custom data); the rest are loaded by load_task."""
+    `tasks` may supply task objects by name (tests, custom data); the rest are loaded by load_task.
+    `stop()` is asked before each task; once it says yes the rest is left out (partial)."""
     results = {}
     for name in task_names:
+        if stop is not None and stop():
+            break
         t0 = time.time()
         task = (tasks or {}).get(name) or load_task(name)
         outcomes = evaluate_chat_task(task, model, tokenizer, engine, device, max_problems, batch_size, **gen)

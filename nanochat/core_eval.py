@@ -315,10 +315,12 @@ def centered(acc: float, random_baseline: float) -> float:
 
 
 def evaluate_core(model, tokenizer, bundle_dir: str | Path, device="cpu", max_per_task: int | None = None,
-                  tasks: list[str] | None = None, on_task=None) -> dict:
+                  tasks: list[str] | None = None, on_task=None, stop=None) -> dict:
     """Run every CORE task found in the bundle. Returns
     {"tasks": {label: {acc, centered, n, type, shots, random_baseline}}, "core", "partial", "missing",
-     "task_file", "baselines_file"}; `on_task(label, result)` is called after each task (for events)."""
+     "task_file", "baselines_file"}; `on_task(label, result)` is called after each task (for events).
+    `stop()` is asked before each task (on every rank); once it says yes the rest is left out and the
+    result is partial."""
     specs, missing, info = load_bundle(bundle_dir)
     if tasks:
         unknown = sorted(set(tasks) - set(CORE_TASKS))
@@ -329,6 +331,8 @@ def evaluate_core(model, tokenizer, bundle_dir: str | Path, device="cpu", max_pe
     max_len = model_max_len(model)
     results = {}
     for spec in specs:
+        if stop is not None and stop():
+            break
         t0 = time.time()
         data = load_task_data(spec)
         outcomes = evaluate_task(model, tokenizer, data, spec, device, max_per_task, max_len)
@@ -339,7 +343,7 @@ def evaluate_core(model, tokenizer, bundle_dir: str | Path, device="cpu", max_pe
         if on_task:
             on_task(spec.label, results[spec.label])
     core = sum(r["centered"] for r in results.values()) / len(results) if results else float("nan")
-    wanted = len(tasks) if tasks else len(CORE_TASKS)
+    wanted = len(set(tasks)) if tasks else len(CORE_TASKS)
     return {"tasks": results, "core": core, "partial": len(results) < wanted, "missing": missing, **info}
 
 

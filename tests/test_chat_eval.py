@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -78,32 +79,35 @@ QUESTIONS = [(f"Which number is {w}?", NUMBERS, NUMBERS.index(w)) for w in "one 
 
 
 def make_tasks(root: Path) -> dict:
-    root.mkdir(parents=True, exist_ok=True)
-    arc = root / "arc.jsonl"
-    arc.write_text("".join(json.dumps({"query": f"Question: {q}", "choices": c, "gold": g}) + "\n" for q, c, g in QUESTIONS))
+    """Small files in the local data layout (usable as $NANOCHAT_DATA_DIR), and the six tasks on them."""
+    arc = root / "core_icl" / "local_data" / "world_knowledge"
+    arc.mkdir(parents=True, exist_ok=True)
+    for name in ("arc_easy", "arc_challenge"):
+        (arc / f"{name}.jsonl").write_text("".join(json.dumps({"query": f"Question: {q}", "choices": c, "gold": g}) + "\n"
+                                                  for q, c, g in QUESTIONS))
     (root / "mmlu" / "test").mkdir(parents=True)
     with open(root / "mmlu" / "test" / "counting_test.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["question", "choice0", "choice1", "choice2", "choice3", "answer"])
         w.writerows([(q.replace("Which", "What"), *c, g) for q, c, g in QUESTIONS[:8]])
-    gsm = root / "gsm.jsonl"
-    gsm.write_text("".join(json.dumps({"question": f"What is {a} plus {b}?", "answer": f"<<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"}) + "\n"
-                           for a, b in [(1, 2), (0, 0), (5, 5), (7, -6), (3, 4)]))
-    he = root / "he.jsonl.gz"
-    with gzip.open(he, "wt") as f:
+    (root / "gsm8k").mkdir()
+    (root / "gsm8k" / "test.jsonl").write_text("".join(
+        json.dumps({"question": f"What is {a} plus {b}?", "answer": f"<<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"}) + "\n"
+        for a, b in [(1, 2), (0, 0), (5, 5), (7, -6), (3, 4)]))
+    (root / "humaneval").mkdir()
+    with gzip.open(root / "humaneval" / "HumanEval.jsonl.gz", "wt") as f:
         for k in range(3):
             f.write(json.dumps({"task_id": f"M/{k}", "entry_point": f"plus{k}", "prompt": f"def plus{k}(x):\n    \"\"\"x + {k}\"\"\"\n",
                                 "canonical_solution": f"    return x + {k}\n",
                                 "test": f"def check(f):\n    assert f(1) == {1 + k}\n"}) + "\n")
-    return {"ARC-Easy": ARC("ARC-Easy", path=arc), "ARC-Challenge": ARC("ARC-Challenge", path=arc),
-            "MMLU": MMLU(path=root / "mmlu"), "GSM8K": GSM8K(path=gsm), "HumanEval": HumanEval(path=he, timeout=5),
-            "SpellingBee": SpellingBee(size=12, words_path=_words(root))}
-
-
-def _words(root):
-    p = root / "words.txt"
-    p.write_text("strawberry\nbanana\nkiwi\nmississippi\n")
-    return p
+    (root / "english_words").mkdir()
+    with zipfile.ZipFile(root / "english_words" / "words_alpha.zip", "w") as z:
+        z.writestr("words_alpha.txt", "strawberry\r\nbanana\r\nkiwi\r\nmississippi\r\n")
+    return {"ARC-Easy": ARC("ARC-Easy", path=arc / "arc_easy.jsonl"),
+            "ARC-Challenge": ARC("ARC-Challenge", path=arc / "arc_challenge.jsonl"),
+            "MMLU": MMLU(path=root / "mmlu"), "GSM8K": GSM8K(path=root / "gsm8k" / "test.jsonl"),
+            "HumanEval": HumanEval(path=root / "humaneval" / "HumanEval.jsonl.gz", timeout=5),
+            "SpellingBee": SpellingBee(size=12, words_path=root / "english_words" / "words_alpha.zip")}
 
 
 def gold_letter(tasks):
@@ -260,3 +264,33 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     flat = [o for v in results[0]["outs"].values() for o in v]
     assert any(flat) and not all(flat)
     assert re.match(r"^-?\d", str(results[0]["chatcore"]))
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def test_chat_eval_stage(tiny_run, tmp_path, monkeypatch):
+    from conftest import run_stage
+    from nanochat.events import read_events
+    run_dir, base = tiny_run
+    run_stage("stages.base_train", run_dir, "--set", "base_train.num_iterations=4", "--set", "base_train.eval_every=-1",
+              base_dir=base)
+    make_tasks(tmp_path / "data")
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path / "data"))  # stage_env passes os.environ on
+    p = run_stage("stages.chat_eval", run_dir, "-i", "base", "-a", "ARC-Easy|MMLU|GSM8K|SpellingBee",
+                  "--max-problems", "4", "--max-new-tokens", "6", "--stage-name", "chat_eval_base", base_dir=base)
+    bad = run_stage("stages.chat_eval", run_dir, "-i", "sft", base_dir=base, check=False)
+    typo = run_stage("stages.chat_eval", run_dir, "-i", "base", "-a", "GSM9K", base_dir=base, check=False)
+    assert "ChatCORE" in p.stdout and "partial" in p.stdout
+    events, malformed = read_events(run_dir / "chat_eval_base" / "events.jsonl")
+    assert malformed == 0
+    evals = {(e["task"], e["metric"]): e for e in events if e["kind"] == "eval"}
+    for name in ("ARC-Easy", "MMLU", "GSM8K", "SpellingBee"):
+        acc = evals[(name, "acc")]
+        assert acc["phase"] == "base" and acc["n"] == 4 and 0 <= acc["value"] <= 1 and acc["step"] == 4
+        assert evals[(name, "centered")]["value"] == pytest.approx(ch.centered(acc["value"], ch.BASELINES[name]))
+    core = evals[("ChatCORE", "chatcore")]
+    assert core["partial"] and core["value"] == pytest.approx(
+        sum(evals[(n, "centered")]["value"] for n in ("ARC-Easy", "MMLU", "GSM8K", "SpellingBee")) / 4)
+    assert events[-1]["kind"] == "end" and events[-1]["chatcore"] == core["value"]
+    assert bad.returncode != 0 and "no sft checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+    assert typo.returncode != 0 and "unknown chat eval task 'GSM9K'" in typo.stderr

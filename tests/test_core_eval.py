@@ -458,3 +458,59 @@ def test_torchrun_two_processes_equal_one(tmp_path, bundle):
     # and the bigram model's outcomes are not trivial (some right, some wrong)
     flat = [o for v in one["outcomes"].values() for o in v]
     assert any(flat) and not all(flat)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def _core_events(run_dir):
+    from nanochat.events import read_events
+    events, bad = read_events(run_dir / "base_eval" / "events.jsonl")
+    assert bad == 0
+    return events
+
+
+def test_base_eval_stage(tiny_run, tmp_path):
+    from conftest import run_stage
+    run_dir, base = tiny_run
+    run_stage("stages.base_train", run_dir, "--set", "base_train.num_iterations=6", "--set", "base_train.eval_every=-1",
+              base_dir=base)
+    bundle = make_bundle(tmp_path / "bundle")
+    p = run_stage("stages.base_eval", run_dir, "--bundle", str(bundle), "--max-per-task", "5",
+                  "--set", "base_eval.bpb_tokens=1024", base_dir=base)
+    assert "CORE" in p.stdout and "partial: 5 of 22" in p.stdout and "lambada_openai" in p.stdout
+    events = _core_events(run_dir)
+    evals = [e for e in events if e["kind"] == "eval"]
+    per_task = {(e["task"], e["metric"]): e for e in evals}
+    for label, *_ in TASKS:
+        acc, cen = per_task[(label, "acc")], per_task[(label, "centered")]
+        assert acc["phase"] == "base" and acc["n"] == 5 and acc["step"] == 6
+        assert cen["value"] == pytest.approx(ce.centered(acc["value"], acc["random_baseline"]))
+    core = per_task[("CORE", "core")]
+    assert core["partial"] and "squad" in core["missing"] and len(core["missing"]) == 17
+    assert core["value"] == pytest.approx(sum(per_task[(t[0], "centered")]["value"] for t in TASKS) / 5)
+    assert per_task[("val", "bpb")]["value"] > 0
+    assert any(e["kind"] == "sample" for e in events)
+    end = events[-1]
+    assert end["kind"] == "end" and end["status"] == "ok" and end["core"] == core["value"]
+
+    # two processes: the same numbers
+    import shutil
+    run2 = tmp_path / "run2"
+    shutil.copytree(run_dir, run2, ignore=shutil.ignore_patterns("base_eval"))
+    from conftest import stage_env
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "stages.base_eval", "--run-dir", str(run2), "--bundle", str(bundle), "--max-per-task", "5",
+                        "--set", "base_eval.bpb_tokens=1024"], env=stage_env(base), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    evals2 = {(e["task"], e["metric"]): e["value"] for e in _core_events(run2) if e["kind"] == "eval"}
+    assert evals2.pop(("val", "bpb")) > 0
+    per_task.pop(("val", "bpb"))
+    assert evals2 == {k: e["value"] for k, e in per_task.items()}
+
+
+def test_base_eval_stage_errors(tiny_run, tmp_path):
+    from conftest import run_stage
+    run_dir, base = tiny_run
+    p = run_stage("stages.base_eval", run_dir, base_dir=base, check=False)
+    assert p.returncode != 0 and "no base checkpoint" in p.stderr and "Traceback" not in p.stderr
