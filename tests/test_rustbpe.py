@@ -152,6 +152,7 @@ def test_unicode_tables_are_up_to_date():
     assert p.returncode == 0, p.stderr
 
 
+@pytest.mark.shared_data
 def test_split_of_enwiki_matches_regex_module():
     text = "\n".join(enwiki_docs(1_000_000))
     assert split_text(text) == PAT.findall(text)
