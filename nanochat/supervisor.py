@@ -54,6 +54,10 @@ class SupervisorError(Exception):
 
 # ----------------------------------------------------------------------------------------- stage plan
 
+# Stages that do their work in one process: launching them under torchrun would only idle the other ranks.
+SINGLE_PROCESS_STAGES = {"data", "tok_train", "tok_eval"}
+
+
 def parse_stage_entry(entry) -> dict:
     """One `run.stages` entry -> {name, module, args, torchrun}.
 
@@ -83,7 +87,8 @@ def parse_stage_entry(entry) -> dict:
     if not isinstance(args, (list, tuple)) or not all(isinstance(a, (str, int, float)) for a in args):
         raise SupervisorError(f"stage {name!r}: args must be a list of strings, got {args!r}")
     return {"name": name, "module": str(entry.get("module") or f"stages.{name}"),
-            "args": [str(a) for a in args], "torchrun": bool(entry.get("torchrun", True))}
+            "args": [str(a) for a in args],
+            "torchrun": bool(entry.get("torchrun", name not in SINGLE_PROCESS_STAGES))}
 
 
 def parse_stages(entries) -> list[dict]:
