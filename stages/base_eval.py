@@ -59,17 +59,17 @@ def resolve_bundle(ctx: StageContext) -> Path:
 def val_bpb(ctx: StageContext, model, tokenizer, autocast) -> float | None:
     from nanochat.config import check_data_dir
     from nanochat.dataloader import PackingLoader
-    from nanochat.dataset import list_data_files
+    from nanochat.dataset import data_files
     from nanochat.loss_eval import evaluate_bpb
     try:
-        files = list_data_files(check_data_dir(ctx.cfg))
-    except ConfigError as e:
+        files = data_files(check_data_dir(ctx.cfg), "val")
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         print0(f"val bpb skipped: {e}")
         ctx.events.emit("log", message=f"val bpb skipped: {e}")
         return None
     B, T = ctx.cfg["base_train"]["device_batch_size"], model.config.sequence_len
     steps = max(1, ctx.cfg["base_eval"]["bpb_tokens"] // (B * T * ctx.dist.world_size))
-    loader = PackingLoader(tokenizer, files[-1:], B, T, ctx.dist.rank, ctx.dist.world_size, ctx.dist.device)
+    loader = PackingLoader(tokenizer, files, B, T, ctx.dist.rank, ctx.dist.world_size, ctx.dist.device)
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=ctx.dist.device)
     with autocast:
         return evaluate_bpb(model, loader, steps, token_bytes)
