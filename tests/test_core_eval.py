@@ -469,6 +469,7 @@ def _core_events(run_dir):
     return events
 
 
+@pytest.mark.slow
 def test_base_eval_stage(tiny_run, tmp_path):
     from conftest import run_stage
     run_dir, base = tiny_run
