@@ -34,7 +34,7 @@ def stage_env(base_dir: Path) -> dict:
 def run_stage(module: str, run_dir: Path, *args: str, base_dir: Path, nproc: int = 1, check=True, timeout=600,
               **popen) -> subprocess.CompletedProcess:
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", module]
     else:
         cmd = [sys.executable, "-m", module]
