@@ -32,8 +32,10 @@ def add_args(p):
     p.add_argument("--tasks", default=None, help="'|'-separated CORE task labels (default: all 22)")
 
 
-def resolve_bundle(ctx: StageContext) -> Path:
-    """The bundle directory; the default location is filled by a download (rank 0, others wait)."""
+def resolve_bundle(ctx: StageContext) -> Path | None:
+    """The bundle directory; the default location is filled by a download (rank 0, others wait).
+
+    None when there is none to be had and `base_eval.require_core` is false (offline profiles: demo)."""
     given = ctx.args.bundle or ctx.cfg["base_eval"]["bundle_dir"]
     if given:
         path = Path(given).expanduser()
@@ -51,8 +53,13 @@ def resolve_bundle(ctx: StageContext) -> Path:
             error = str(e)
     ctx.barrier()
     if not path.is_dir():
-        raise ConfigError(f"no CORE eval bundle at {path} ({error or 'download failed'}); "
-                          "set base_eval.bundle_dir to a local copy (e.g. ../shared/data/core_icl)")
+        msg = (f"no CORE eval bundle at {path} ({error or 'download failed'}); "
+               "set base_eval.bundle_dir to a local copy (e.g. ../shared/data/core_icl)")
+        if ctx.cfg["base_eval"]["require_core"]:
+            raise ConfigError(msg)
+        print0(f"CORE skipped: {msg}")
+        ctx.events.emit("log", message=f"CORE skipped: {msg}")
+        return None
     return path
 
 
@@ -96,18 +103,20 @@ def main(ctx: StageContext) -> dict:
         ev.eval(task=label, metric="centered", value=r["centered"], **common)
 
     t0 = time.time()
-    try:
-        with autocast:
-            res = core_eval.evaluate_core(model, tokenizer, bundle, device, max_per_task, tasks, on_task,
-                                          stop=ctx.should_stop)
-    except core_eval.BundleError as e:
-        raise ConfigError(str(e)) from None
+    res = {"core": None, "partial": None, "missing": None, "tasks": {}}
+    if bundle is not None:
+        try:
+            with autocast:
+                res = core_eval.evaluate_core(model, tokenizer, bundle, device, max_per_task, tasks, on_task,
+                                              stop=ctx.should_stop)
+        except core_eval.BundleError as e:
+            raise ConfigError(str(e)) from None
+        print0(core_eval.format_table(res))
+        print0(f"CORE: {res['core']:.4f} over {len(res['tasks'])} tasks in {time.time() - t0:.1f}s "
+               f"(max {max_per_task} per task; baselines from {res['baselines_file']})")
+        ev.eval(task="CORE", metric="core", value=res["core"], step=step, phase=phase, partial=res["partial"],
+                missing=res["missing"], n=len(res["tasks"]), baselines_file=res["baselines_file"])
     core_s = time.time() - t0
-    print0(core_eval.format_table(res))
-    print0(f"CORE: {res['core']:.4f} over {len(res['tasks'])} tasks in {core_s:.1f}s (max {max_per_task} per task; "
-           f"baselines from {res['baselines_file']})")
-    ev.eval(task="CORE", metric="core", value=res["core"], step=step, phase=phase, partial=res["partial"],
-            missing=res["missing"], n=len(res["tasks"]), baselines_file=res["baselines_file"])
 
     bpb = None if ctx.stop_requested else val_bpb(ctx, model, tokenizer, autocast)
     if bpb is not None:
