@@ -384,10 +384,15 @@ def _stage_section(sd: StageData, st: dict | None) -> list[str]:
         facts.append(f"- {sd.malformed} malformed event line(s) skipped")
     L += facts + ([""] if facts else [])
     L += _evals(sd)
-    if st and st.get("status") == "failed" or sd.last("error"):
-        err = sd.last("error")
-        msg = (st or {}).get("error") or (f"{err.get('exc_type')}: {err.get('message')}" if err else "")
-        tb = (st or {}).get("traceback") or (str(err.get("traceback", "")).splitlines()[-20:] if err else [])
+    # only the latest attempt's failure matters: a stage that failed, then resumed and succeeded, is fine
+    err, start = sd.last("error"), sd.last("start")
+    if err and start and err.get("ts", 0) < start.get("ts", 0):
+        err = None
+    failed = bool(st and st.get("status") == "failed")
+    if failed or err:
+        msg = (st.get("error") if failed else None) or (f"{err.get('exc_type')}: {err.get('message')}" if err else "")
+        tb = (st.get("traceback") if failed else None) or \
+            (str(err.get("traceback", "")).splitlines()[-20:] if err else [])
         if msg or tb:
             L += [f"**Error:** {msg}", ""]
             if tb:

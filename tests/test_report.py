@@ -173,3 +173,29 @@ def test_report_without_state_or_system_snapshot(tmp_path):
     assert "this is the machine of the report" in rep and "Parameters: 999" in rep
     assert "1 malformed event line(s) skipped" in rep
     assert re.search(r"## base_train\n\nStatus: \*\*run\*\* · time 1s", rep)
+
+
+def test_error_of_an_earlier_attempt_is_not_reported_after_a_successful_resume(tmp_path):
+    import time as _time
+    from nanochat.events import EventWriter
+    from nanochat.report import build_report
+    ev = EventWriter(tmp_path, "base_eval")
+    ev.start()
+    try:
+        raise RuntimeError("bundle missing")
+    except RuntimeError as e:
+        ev.error(e)
+    ev.close()
+    _time.sleep(0.01)
+    ev = EventWriter(tmp_path, "base_eval")
+    ev.start()
+    ev.eval(task="val", metric="bpb", value=0.5)
+    ev.end(status="ok")
+    ev.close()
+    text = build_report(tmp_path)
+    assert "2 attempts (resumed)" in text and "bundle missing" not in text
+    # while the failed attempt is the latest, it is reported
+    (tmp_path / "base_eval" / "events.jsonl").write_text(
+        (tmp_path / "base_eval" / "events.jsonl").read_text().splitlines(keepends=True)[0]
+        + (tmp_path / "base_eval" / "events.jsonl").read_text().splitlines(keepends=True)[1])
+    assert "RuntimeError: bundle missing" in build_report(tmp_path)
