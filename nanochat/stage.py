@@ -106,6 +106,9 @@ def stage_main(name: str, main: Callable[[StageContext], dict | None],
     code = 0
     try:
         summary = main(ctx) or {}
+        # ranks finish at different times (rank 0 writes samples, checkpoints); tearing the process
+        # group down while a peer still uses it aborts gloo, so line them up first
+        ctx.barrier()
         status = "stopped" if ctx.stop_requested else "ok"
         events.end(status=status, **summary)
         code = STOPPED_EXIT_CODE if ctx.stop_requested else 0
