@@ -122,7 +122,7 @@ class Engine:
         self.vocab_size = tokenizer.get_vocab_size()
         # the hand-written one-token step is fp32 eager code: used for a plain GPT computing in fp32 (CPU)
         self.fast_decode = type(model) is GPT and self.cache_dtype == torch.float32
-        self._head_t = None  # lm_head weight transposed, and the (pointer, version) it was copied from
+        self._head_t = None  # (lm_head weight transposed,), refreshed per generation
 
     # ------------------------------------------------------------------ the forward passes
 
@@ -146,9 +146,13 @@ class Engine:
         self._rot = (torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1), start)
         self._lambdas = list(zip(m.resid_lambdas.tolist(), m.x0_lambdas.tolist()))
         self._half = d
-        w = m.lm_head.weight
-        if self._head_t is None or self._head_t[1] != (w.data_ptr(), w._version):  # new or updated weights
-            self._head_t = (w.detach().t().contiguous(), (w.data_ptr(), w._version))
+        # refreshed every generation: optimizers update weights in ways that do not always bump
+        # `_version` (e.g. through `.data`), and one copy per generation is cheap next to its decode steps
+        w = m.lm_head.weight.detach()
+        if self._head_t is None or self._head_t[0].shape != w.t().shape:
+            self._head_t = (w.t().contiguous(),)
+        else:
+            self._head_t[0].copy_(w.t())
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """lm_head for a few rows. The (V, C) @ (C, B) product is memory-bound (the whole V x C matrix is

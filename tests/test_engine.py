@@ -293,3 +293,17 @@ def test_bad_arguments_are_rejected(model, tok):
         engine.generate_batch([])
     with pytest.raises(ValueError, match="tokens"):
         engine.generate_batch([99999])
+
+
+def test_engine_sees_weights_updated_behind_autograds_back(tok):
+    """Optimizers may write through `.data`, which leaves `_version` alone: a long-lived Engine (RL,
+    SFT quick evals) must still generate with the current weights."""
+    model = tiny_gpt(seed=1)
+    engine = Engine(model, tok)
+    prompt = tok.encode("hello there")
+    engine.generate_batch(prompt, num_samples=1, max_tokens=4, temperature=0.0)  # caches per-model state
+    with torch.no_grad():
+        model.lm_head.weight.data.copy_(torch.randn_like(model.lm_head.weight) * 5)
+    got, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=8, temperature=0.0)
+    want, _ = Engine(model, tok).generate_batch(prompt, num_samples=1, max_tokens=8, temperature=0.0)
+    assert got == want

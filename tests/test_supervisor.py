@@ -83,9 +83,13 @@ def test_stage_entries_and_commands(tmp_path):
     s = {**specs[0], "resume": False}
     single = sv.stage_command(s, tmp_path, {"nproc_per_node": 1, "nnodes": 1})
     assert single == [sys.executable, "-m", "stages.tok_train", "--run-dir", str(tmp_path)]
+    # the tokenizer works in one process: no torchrun for it even in a multi-GPU run
+    assert not specs[0]["torchrun"] and specs[1]["torchrun"] and specs[2]["torchrun"]
+    assert sv.stage_command(s, tmp_path, {"nproc_per_node": 4, "nnodes": 1})[:3] == [sys.executable, "-m", "stages.tok_train"]
+    s = {**sv.parse_stage_entry("base_train"), "resume": False}
     multi = sv.stage_command({**s, "resume": True}, tmp_path, {"nproc_per_node": 4, "nnodes": 1})
     assert multi[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=4", "--nnodes=1"]
-    assert multi[-4:] == ["stages.tok_train", "--run-dir", str(tmp_path), "--resume"]
+    assert multi[-4:] == ["stages.base_train", "--run-dir", str(tmp_path), "--resume"]
     nodes = sv.stage_command(s, tmp_path, {"nproc_per_node": 8, "nnodes": 2, "rdzv_endpoint": "10.0.0.1:29500"})
     assert "--rdzv-backend=c10d" in nodes and "--rdzv-endpoint=10.0.0.1:29500" in nodes and "--nnodes=2" in nodes
     assert sv.stage_command({**s, "torchrun": False}, tmp_path, {"nproc_per_node": 8})[:2] == [sys.executable, "-m"]
