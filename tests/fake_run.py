@@ -114,7 +114,8 @@ def demo_run(root: Path, run_id: str = "20250101-100000-demo", steps: int = 300,
         r.start_stage(st)
         r.t += 30
         if st == "tok_eval":
-            r.emit(st, "eval", task="compression", metric="bytes_per_token", value=4.8, step=None, phase="base")
+            for kind, ratio in (("train", 4.8), ("val", 4.7)):  # as stages/tok_eval.py: one per kind of text
+                r.emit(st, "eval", task="compression", metric="bytes_per_token", value=ratio, step=None, text=kind)
         r.end_stage(st)
     r.start_stage("base_train")
     r.steps("base_train", 0, steps, total=1000, dt=1.0, val_every=50)

@@ -107,6 +107,7 @@ async def test_new_run_previews_config_and_launches(tmp_path):
         await pilot.pause(0.1)
         prev = text_of(scr.query_one("#preview"))
         assert "depth=6" in prev and "nproc_per_node=2" in prev
+        assert "[base_train] depth=6" in prev and "[run] " in prev  # section names are text, not markup
         await pilot.press("ctrl+l")
         await until(pilot, lambda: screen_name(app) == "DashboardScreen", what="dashboard of the new run")
         calls = app.supervisor.calls
@@ -142,7 +143,7 @@ async def test_dashboard_ingests_live_events_in_order(tmp_path):
         await pilot.press("o", "w")
         assert plot.log_y and plot.smoothing == 0.6 and "log" in plot.border_subtitle
         await pilot.press("3")
-        assert scr.query_one("#evals-table").row_count == 2  # val bpb + tokenizer compression
+        assert scr.query_one("#evals-table").row_count == 3  # val bpb + tokenizer compression (train, val)
         await pilot.press("4")
         assert "Paris" in text_of(scr.query_one("#samples-text"))
 
@@ -160,6 +161,26 @@ async def test_reopen_rebuilds_every_panel_from_disk(tmp_path):
         r.steps("base_train", 250, 5, total=1000)  # the run went on while the TUI was closed
     assert snapshots[1][0] == snapshots[0][0] + 5 and snapshots[1][1][:250] == snapshots[0][1]
     assert snapshots[1][2] == snapshots[0][2]
+
+
+async def test_log_key_opens_the_stage_that_matters(tmp_path):
+    """Nothing failed and no stage picked: `l` opens the running stage, not the first one of the pipeline;
+    of two empty logs, stdout."""
+    r = demo_run(tmp_path / "runs")
+    for name in ("stderr.log", "stdout.log"):
+        (r.dir / "data" / name).write_text("")
+    app = make_app(tmp_path, open_run=r.dir)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: app.screen.loaded.is_set())
+        await pilot.press("l")
+        await until(pilot, lambda: screen_name(app) == "LogsScreen")
+        assert "/base_train/" in app.screen.query_one("#logs-file").value
+        await pilot.press("escape")
+        await until(pilot, lambda: screen_name(app) == "DashboardScreen")
+        app.open_run_screen(r.dir, "logs", stage="data")
+        await until(pilot, lambda: screen_name(app) == "LogsScreen" and app.screen.is_mounted)
+        await pilot.pause()
+        assert app.screen.query_one("#logs-file").value.endswith("data/stdout.log")
 
 
 async def test_failed_stage_alerts_and_log_key(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from fake_run import T0, FakeNvml, FakeRun, demo_run, loss_at
 from tui.alerts import AlertBook
 from tui.logfile import STRIDE, LogFile, compile_query
-from tui.runmodel import RunModel, RunReader, load_run, normalize_state, quick_summary, run_cost
+from tui.runmodel import RunModel, RunReader, load_run, normalize_state, quick_summary, run_cost, run_gpu_name
 from tui.services import GpuSample, NvmlProvider, TuiConfigError, load_tui_config
 
 
@@ -21,7 +21,9 @@ def test_model_rebuilds_from_disk_in_order(tmp_path):
     assert s.xs == list(range(300)) and s.ys[17] == pytest.approx(loss_at(17))
     assert m.out_of_order == 0
     assert len(m.val_bpb["base_train"]) == 6 and m.val_bpb["base_train"].xs[1] == 50
-    assert m.evals[("tok_eval", "compression", "bytes_per_token")] == (4.8, None)
+    # tok_eval's rows differ only by `text`: each is kept
+    assert m.evals[("tok_eval", "compression (train)", "bytes_per_token")] == (4.8, None)
+    assert m.evals[("tok_eval", "compression (val)", "bytes_per_token")] == (4.7, None)
     assert m.samples[-1]["text"].startswith(" Paris")
     info = m.stages["base_train"]
     assert (info.step, info.total_steps, info.mfu) == (299, 1000, 0.41)
@@ -114,6 +116,18 @@ def test_cost_counts_wall_time_times_gpus_times_rate(tmp_path):
     s = quick_summary(r.dir, st, T0 + 3600, fallback_rate=9.0)  # config.toml says gpu_hourly_usd = 2.5
     assert s.status == "running" and s.stage == "base_train" and s.cost == pytest.approx(20.0)
     assert s.progress == "3/8 stages, 10%"
+    # a CPU run costs nothing (as in report.md), whatever the fallback price
+    cpu = normalize_state({**st["raw"], "system": {"gpus": []}})
+    assert run_cost(cpu, {"run": {"nproc_per_node": 8}}, load_run(r.dir), T0 + 3600, 2.0)[1] == 0.0
+    assert run_cost(st, {"run": {"device": "cpu"}}, load_run(r.dir), T0 + 3600, 2.0)[1] == 0.0
+    # the price of the run's own GPUs (state.json's snapshot), not of the machine the TUI runs on
+    h100 = normalize_state({**st["raw"], "system": {"gpus": [{"name": "NVIDIA H100 80GB HBM3"}]}})
+    assert run_gpu_name(h100, {}, "NVIDIA A10G") == "NVIDIA H100 80GB HBM3"
+    assert run_gpu_name(st, {}, "NVIDIA A10G") == "NVIDIA A10G"  # the run recorded none
+    # wall time is the stages' process lifetime from state.json: start-up before the first event counts
+    late = normalize_state(json.loads((r.dir / "state.json").read_text()))
+    late["stages"][0].started -= 20
+    assert run_cost(late, {}, load_run(r.dir), T0 + 3600, 2.0)[0] == pytest.approx(3620)
 
 
 def test_logfile_index_window_search_filter(tmp_path):
@@ -158,6 +172,16 @@ def test_plot_downsamples_100k_points_and_keeps_spikes():
     assert len(lines) == 12 and all(len(ln) <= 60 for ln in lines)
     p.set_options(log_y=True) if p.is_mounted else setattr(p, "log_y", True)
     assert p.draw(60, 12).plain.splitlines()[0].strip().startswith("50")
+
+
+def test_plot_draws_a_lone_point_as_a_marker():
+    """One val bpb at the end of a stage (the demo's base_train): a 2x2 marker, not a single braille dot."""
+    from tui.widgets.plot import Plot
+    p = Plot()
+    for series in ([("val", [40], [0.87])], [("a", [10], [1.9]), ("b", [40], [0.87])]):  # left edge, right edge
+        p.series = series
+        dots = sum(bin(ord(ch) - 0x2800).count("1") for ch in p.draw(40, 8).plain if 0x2800 < ord(ch) <= 0x28FF)
+        assert dots == 4 * len(series)
 
 
 def test_tui_config_merge_and_errors(tmp_path):
@@ -210,4 +234,13 @@ def test_main_rejects_unknown_binding_ids(tmp_path, monkeypatch, capsys):
     (tmp_path / "tui.toml").unlink()
     with pytest.raises(SystemExit):
         main(["no-such-run"])
-    assert "no run 'no-such-run'" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("nanochat-tui: error: no runs in")
+    r = demo_run(tmp_path / "runs", "20250101-100000-demo")
+    with pytest.raises(SystemExit):
+        main(["no-such-run"])
+    err = capsys.readouterr().err
+    assert "run 'no-such-run' matches no run; runs: 20250101-100000-demo" in err and err.count("\n") == 1
+    # a run is named as `nanochat` names it: directory, id, unique prefix or latest
+    from tui.services import Supervisor
+    sup = Supervisor(tmp_path)
+    assert sup.resolve("latest") == sup.resolve("20250101-10") == sup.resolve(str(r.dir)) == r.dir

@@ -39,6 +39,7 @@ class NanochatApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "nanochat"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (140, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (40, "-tall")]
     BINDINGS = [
         Binding("f1,question_mark", "help", "Help", id="app.help"),
         Binding("m", "menu", "Menu", id="app.menu"),
@@ -214,7 +215,7 @@ def all_binding_ids() -> dict[str, tuple[str, str, str]]:
 
 def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(prog="nanochat-tui", description="Watch and steer nanochat runs from the terminal.")
-    ap.add_argument("run", nargs="?", help="a run id (under $NANOCHAT_BASE_DIR/runs) or a run directory to open")
+    ap.add_argument("run", nargs="?", help="a run to open: a run directory, or an id, id prefix or `latest` under $NANOCHAT_BASE_DIR/runs")
     ap.add_argument("--screen", default="dashboard", choices=("dashboard", "logs", "chat", "report"),
                     help="which screen to open the run on")
     args = ap.parse_args(argv)
@@ -230,11 +231,10 @@ def main(argv: list[str] | None = None):
         raise SystemExit(2)
     run = None
     if args.run:
-        sup = Supervisor()
-        run = Path(args.run) if Path(args.run).is_dir() else sup.runs_root / args.run
-        if not run.is_dir():
-            print(f"nanochat-tui: error: no run {args.run!r}: give a run id from {sup.runs_root} or a run directory",
-                  file=sys.stderr)
+        try:
+            run = Supervisor().resolve(args.run)
+        except Exception as e:  # SupervisorError: one line naming the runs there are
+            print(f"nanochat-tui: error: {e}", file=sys.stderr)
             raise SystemExit(2)
     NanochatApp(tui_config=cfg, open_run=run, open_screen=args.screen).run()
 

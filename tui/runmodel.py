@@ -210,6 +210,8 @@ class RunModel:
                     self._bpb(name).add(step, fnum(ev["val_bpb"]))
             elif kind == "eval":
                 task, metric = str(ev.get("task", "?")), str(ev.get("metric", "?"))
+                if isinstance(ev.get("text"), str) and ev["text"]:  # tok_eval: one row per kind of text
+                    task = f"{task} ({ev['text']})"
                 value = fnum(ev.get("value"))
                 if metric in ("bpb", "val_bpb") and "train" not in task:
                     self._bpb(name).add(ev.get("step") or st.step or 0, value)
@@ -341,15 +343,17 @@ def load_run(run_dir: Path) -> RunModel:
 
 def run_cost(state: dict, config: dict, model: RunModel | None, now: float, rate_per_gpu_hour: float) -> tuple[float, float]:
     """(wall seconds so far, cost in $) = hourly rate x GPUs x wall time of the stages that ran."""
-    gpus = gpu_count(config)
+    gpus = 0 if run_gpus(state, config) == [] else gpu_count(config)  # a CPU run costs nothing
     spans = []
     stages = {s.name: s for s in state.get("stages", [])}
     names = set(stages) | set(model.stages if model else ())
     for n in names:
         info = model.stages.get(n) if model else None
         ss = stages.get(n)
-        start = (info.started if info and info.started else None) or (ss.started if ss else None)
-        end = (info.ended if info and info.ended else None) or (ss.ended if ss else None)
+        # the process lifetime from state.json first (it includes start-up before the first event: GPUs are
+        # held then too), the events' span for a stage state.json does not time
+        start = (ss.started if ss else None) or (info.started if info and info.started else None)
+        end = (ss.ended if ss else None) or (info.ended if info and info.ended else None)
         if start is None:
             continue
         if end is None:
@@ -388,6 +392,20 @@ def hourly_rate(config: dict, gpu_name: str | None, fallback: float) -> float:
         except ImportError:
             pass
     return fallback
+
+
+def run_gpus(state: dict, config: dict) -> list[dict] | None:
+    """The GPUs of the run's machine from state.json's system snapshot ([] for a CPU run); None if unknown."""
+    if (config.get("run") or {}).get("device") == "cpu":
+        return []
+    system = (state.get("raw") or {}).get("system")
+    return system["gpus"] if isinstance(system, dict) and isinstance(system.get("gpus"), list) else None
+
+
+def run_gpu_name(state: dict, config: dict, viewer_gpu: str | None) -> str | None:
+    """The run's GPU type (its own snapshot first: the TUI may watch from another machine), else the viewer's."""
+    gpus = run_gpus(state, config)
+    return (gpus[0].get("name") if gpus and isinstance(gpus[0], dict) else None) or viewer_gpu
 
 
 def gpu_count(config: dict) -> int:
@@ -482,6 +500,7 @@ def quick_summary(run_dir: Path, state: dict, now: float, fallback_rate: float, 
             progress += f", {100 * (step or 0) / total:.0f}%"
     started = min((s.started for s in model.stages.values() if s.started), default=None) or state.get("created")
     config = read_config(run_dir)
-    wall, cost = run_cost(state, config, model, now, hourly_rate(config, gpu_name, fallback_rate))
+    rate = hourly_rate(config, run_gpu_name(state, config, gpu_name), fallback_rate)
+    wall, cost = run_cost(state, config, model, now, rate)
     return RunSummary(Path(run_dir), state.get("status", "?"), cur.name if cur else "-", progress, started, wall, cost,
                       state.get("profile") or "")

@@ -200,6 +200,12 @@ class Supervisor:
         runs = [p for p in root.iterdir() if p.is_dir() and ((p / "state.json").exists() or (p / "config.toml").exists())]
         return sorted(runs, key=lambda p: p.name, reverse=True)
 
+    def resolve(self, ref: str) -> Path:
+        """A run by directory, id, unique id prefix or `latest`, as the `nanochat` command takes it."""
+        if Path(ref).is_dir():
+            return Path(ref)
+        return Path(self._mod().resolve_run(ref, root=self.runs_root))
+
     def read_state(self, run_dir: Path) -> dict:
         return normalize_state(read_state_file(run_dir))
 

@@ -14,7 +14,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static, TabbedContent, TabPane
 
 from ..alerts import AlertBook
-from ..runmodel import RunModel, RunReader, hourly_rate, read_config, run_cost
+from ..runmodel import RunModel, RunReader, hourly_rate, read_config, run_cost, run_gpu_name
 from ..widgets.panels import GpuPanel, HostPanel, Pipeline, StatsPanel
 from ..widgets.plot import Plot, fmt_num
 from .runs import run_op
@@ -156,12 +156,16 @@ class DashboardScreen(Screen):
             self.query_one("#pipeline", Pipeline).show(state["stages"], model)
         stage = model.main_train_stage()
         app = self.app
-        rate = hourly_rate(self.config, app.gpus[0].name if app.gpus else None, app.cfg["gpu_hourly_usd"])
+        gpu = run_gpu_name(state, self.config, app.gpus[0].name if app.gpus else None)
+        rate = hourly_rate(self.config, gpu, app.cfg["gpu_hourly_usd"])
         wall, cost = run_cost(state, self.config, model, app.services.clock(), rate)
         self.query_one("#stats", StatsPanel).show(model, stage, wall, cost)
         n_alerts = len(self.alerts.alerts) if hasattr(self, "alerts") else 0
+        # the running stage by name: an eval stage (or a training stage before its first step) has no curve
+        cur = next((s.name for s in state["stages"] if s.status == "running"), None)
+        running = [("  stage ", "dim"), cur] if cur else []
         status = Text.assemble(("run ", "dim"), self.run_dir.name, ("  status ", "dim"), state.get("status", "?"),
-                               ("  events ", "dim"), str(model.n_events))
+                               *running, ("  events ", "dim"), str(model.n_events))
         if n_alerts:
             status.append(f"  ⚠ {n_alerts} alert(s) (5)", style="bold #ffb454")
         if status.plain != getattr(self, "_status_plain", None):
@@ -215,8 +219,10 @@ class DashboardScreen(Screen):
 
     def action_logs(self):
         focused_pipeline = self.focused is self.query_one("#pipeline")
-        stage = (self._stage() if focused_pipeline else None) or self.failed_stage() or self._stage() \
-            or self.model.main_train_stage()
+        # the highlighted stage when the user picked one, else the one that matters now: failed, running, last trained
+        running = next((s.name for s in self.state["stages"] if s.status == "running"), None)
+        stage = (self._stage() if focused_pipeline else None) or self.failed_stage() or running \
+            or self.model.main_train_stage() or self._stage()
         self.app.open_run_screen(self.run_dir, "logs", stage=stage)
 
     def action_toggle_log(self):

@@ -94,7 +94,7 @@ class LogsScreen(Screen):
         if target is None and self.stage:
             # the stage's stderr first when it has content (tracebacks land there), else stdout
             cands = [p for p in files if p.parent.name == self.stage]
-            cands.sort(key=lambda p: (p.name != "stderr.log" or p.stat().st_size == 0, p.name))
+            cands.sort(key=lambda p: (p.name != "stderr.log" or p.stat().st_size == 0, p.name != "stdout.log", p.name))
             target = cands[0] if cands else None
         if target is None and files:
             target = files[0]

@@ -9,7 +9,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Select, Static
@@ -233,7 +233,8 @@ class NewRunScreen(ModalScreen):
                 yield Input(placeholder="depth (profile default)", id="depth", type="integer")
                 yield Input(placeholder="GPUs (profile default)", id="gpus", type="integer")
             yield Input(placeholder="overrides: section.key=value ...", id="overrides")
-            yield Static("", id="preview")
+            with VerticalScroll(id="preview-box"):  # scrolls (tab to it) when the terminal is short
+                yield Static("", id="preview")
             with Horizontal(classes="buttons"):
                 yield Button("Launch (ctrl+l)", id="launch", variant="primary")
                 yield Button("Cancel", id="cancel")
@@ -263,11 +264,11 @@ class NewRunScreen(ModalScreen):
         prev = self.query_one("#preview", Static)
         try:
             text = preview_config(self.query_one("#profile", Select).value, self.overrides())
-            prev.update(text)
+            prev.update(Text(text))  # plain text: "[base_train] ..." is not markup
             prev.set_class(False, "error")
             self._ok = True
         except ValueError as e:
-            prev.update(f"✗ {e}")
+            prev.update(Text(f"✗ {e}"))
             prev.set_class(True, "error")
             self._ok = False
 

@@ -75,7 +75,9 @@ class Plot(Widget):
             flags.append("log")
         if self.smoothing:
             flags.append(f"ema {self.smoothing:.2f}")
-        legend = "  ".join(f"[{PALETTE[i % len(PALETTE)]}]━[/] {label}" for i, (label, _, _) in enumerate(self.series))
+        # with the latest value: a curve of one or two points (an eval at the end of a stage) is hard to read
+        legend = "  ".join(f"[{PALETTE[i % len(PALETTE)]}]━[/] {label}" + (f" {fmt_num(ys[-1])}" if len(ys) else "")
+                           for i, (label, _, ys) in enumerate(self.series))
         self.border_subtitle = "  ".join(filter(None, [legend, " ".join(flags)]))
 
     def _ys(self, i: int, label: str, ys: list) -> list:
@@ -148,6 +150,10 @@ class Plot(Widget):
                         pr = round(r)
                     a, b = min(a, pr), max(b, pr)
                 self._span(cells, owner, i, c, a, b)
+                if len(x) < 4:  # a lone point (one eval) would be a single dot: draw a 2x2 marker
+                    c2, a2 = (c + 1 if c + 1 < PW else c - 1), max(0, min(a, PH - 2))
+                    self._span(cells, owner, i, c, a2, max(b, a2 + 1))
+                    self._span(cells, owner, i, c2, a2, max(b, a2 + 1))
                 pc, pr = c, e
         text = Text(no_wrap=True, overflow="crop")
         lab = [fmt_num(10 ** v if self.log_y else v) for v in (ymax, (ymax + ymin) / 2, ymin)]
