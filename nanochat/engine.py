@@ -343,14 +343,16 @@ class Engine:
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         decoder = stream_decoder(self.tokenizer)
-        n, row, in_code = 0, None, False
+        n, row, in_code, code = 0, None, False, []
         for column, masks, rows in self._run(ids, 1, max_tokens, temperature, top_k, top_p, seed):
             t, row = column[0], rows[0]
             if row.done and row.reason == "stop":
                 break
             n += 1
+            if in_code and t != self.python_end:
+                code.append(t)
             if t == self.python_start:
-                in_code = True
+                in_code, code = True, []
                 text = decoder.flush() if hasattr(decoder, "flush") else ""
                 if text:
                     yield {"type": "text", "text": text}
@@ -366,4 +368,8 @@ class Engine:
         text = decoder.flush() if hasattr(decoder, "flush") else ""
         if text:
             yield {"type": "text", "text": text}
+        if in_code:  # the reply ended inside a tool call: show what the model wrote, say it was not run
+            yield {"type": "tool_call", "code": self.tokenizer.decode(code)}
+            yield {"type": "tool_result", "output": "the reply ended before <|python_end|>: not run",
+                   "status": "unfinished"}
         yield {"type": "done", "reason": row.reason if row else "stop", "tokens": n}

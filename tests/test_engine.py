@@ -209,6 +209,20 @@ def test_tool_errors_are_reported_not_raised(tok):
     assert events[-1]["reason"] == "stop"
 
 
+def test_unfinished_tool_call_is_shown_not_dropped(tok):
+    s = tok.special
+    # the model opens a tool call and ends the reply without closing it
+    succ = script(tok, [(s["<|assistant_start|>"], "A"), ("A", s["<|python_start|>"]), (s["<|python_start|>"], "2"),
+                        ("2", "+"), ("+", "3"), ("3", s["<|assistant_end|>"])])
+    engine = Engine(BigramModel(succ, tok.get_vocab_size()), tok)
+    events = list(engine.stream_chat({"messages": [{"role": "user", "content": "2+3"}]}, temperature=0.0))
+    assert events == [{"type": "text", "text": "A"},
+                      {"type": "tool_call", "code": "2+3"},
+                      {"type": "tool_result", "output": "the reply ended before <|python_end|>: not run",
+                       "status": "unfinished"},
+                      {"type": "done", "reason": "stop", "tokens": 5}]
+
+
 def test_stops_at_max_tokens_and_context(model, tok):
     engine = Engine(model, tok)
     prompt = tok.encode("x" * 50)
