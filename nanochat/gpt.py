@@ -279,7 +279,7 @@ class GPT(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.chunked_loss = None  # None: on for CPU (saves time and memory), off on CUDA (compile fuses it)
-        self.loss_chunk_rows = 256
+        self.loss_chunk_rows = max(64, (1 << 24) // config.vocab_size // 64 * 64)  # ~64 MB fp32 chunks
 
     def _rotary_tables(self, T, base=10000.0, device=None):
         d = self.config.head_dim
@@ -401,8 +401,8 @@ class GPT(nn.Module):
             if targets is not None:
                 chunked = self.chunked_loss if self.chunked_loss is not None else device.type == "cpu"
                 if chunked and loss_reduction != "none":
-                    return SoftcapCrossEntropy.apply(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                                     softcap, loss_reduction, self.loss_chunk_rows)
+                    return chunked_softcap_loss(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                                softcap, loss_reduction, self.loss_chunk_rows)
                 logits = self.lm_head(x).float()
                 logits = softcap * torch.tanh(logits / softcap)
                 loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=-1,
@@ -415,6 +415,11 @@ class GPT(nn.Module):
 @lru_cache(maxsize=8)
 def _default_dtype(device_type: str) -> torch.dtype:
     return default_compute_dtype(device_type)
+
+
+@torch.compiler.disable  # eager even inside a compiled model: a Python loop over chunks with reused buffers
+def chunked_softcap_loss(h, weight, targets, softcap, reduction, chunk_rows):
+    return SoftcapCrossEntropy.apply(h, weight, targets, softcap, reduction, chunk_rows)
 
 
 _WORKSPACE: dict = {}  # CPU scratch for SoftcapCrossEntropy, reused across steps (see below)
