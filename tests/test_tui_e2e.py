@@ -31,7 +31,7 @@ OVERRIDES = " ".join([
     "base_eval.bpb_tokens=4096",
     "mid_train.num_iterations=3", "mid_train.eval_tokens=4096",
     "chat_sft.num_iterations=3", "chat_sft.eval_every=-1", "chat_sft.eval_examples=4", "chat_sft.eval_max_tokens=8",
-    "chat_eval.tasks=ARC-Easy", "chat_eval.max_problems=4", "chat_eval.max_new_tokens=16",
+    "chat_eval.tasks=SpellingBee", "chat_eval.max_problems=4", "chat_eval.max_new_tokens=16",
 ])
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480),
@@ -147,7 +147,7 @@ def test_tui_drives_a_real_demo_run_in_tmux(tmp_path):
         assert len(runs) == 1
         run_dir = runs[0]
         cfg = (run_dir / "config.toml").read_text()
-        assert f"num_iterations = {BASE_STEPS}" in cfg and 'tasks = "ARC-Easy"' in cfg
+        assert f"num_iterations = {BASE_STEPS}" in cfg and 'tasks = "SpellingBee"' in cfg
 
         # -- base_train steps appear live; then kill the TUI (SIGKILL, as a lost ssh session or a crash would)
         m = term.wait_for(rf"step\s+(\d+)/{BASE_STEPS}", 150, "base_train steps on the dashboard")
