@@ -4,10 +4,10 @@
     python bench/train.py --depth 12 --compile          # on a GPU: always use --compile there
 
 A step is forward + backward + both optimizers' step on random tokens (the same work base_train does per
-micro-batch). Model FLOP/s = GPT.estimate_flops() x tokens/s. MFU is against the bf16 dense peak of the
-GPU (table below); on a CPU, where no honest peak is known, it is the ratio to a plain 2048x2048 fp32
-matmul measured in the same run, which also makes numbers comparable across machines. The last line of
-output is one JSON object with every figure.
+micro-batch). Model FLOP/s = GPT.estimate_flops() x tokens/s. MFU is against the bf16 dense peak of
+the GPU (table in nanochat.common); on a CPU, where no honest peak is known, it is the ratio to a plain
+2048x2048 fp32 matmul measured in the same run, which also makes numbers comparable across machines.
+The last line of output is one JSON object with every figure.
 """
 from __future__ import annotations
 
@@ -25,23 +25,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from nanochat.common import autodetect_device_type, default_compute_dtype  # noqa: E402
+from nanochat.common import autodetect_device_type, default_compute_dtype, peak_flops  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
-
-# bf16 dense tensor-core peak FLOP/s by device-name substring (first match wins; order matters)
-PEAK_BF16 = [
-    ("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12), ("L40S", 362e12), ("L4", 121e12),
-    ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("A6000", 155e12),
-]
-
-
-def peak_flops(device_name: str) -> float | None:
-    for key, flops in PEAK_BF16:
-        if key in device_name:
-            return flops
-    return None
-
 
 def sync(device):
     if device.type == "cuda":
@@ -140,7 +125,7 @@ def main(argv=None):
     # the yardstick is measured before and after the steps; the larger (the conservative ratio) is used
     mm_flops = max(mm_before, matmul_flops(device))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    peak = peak_flops(device_name) if device.type == "cuda" else None
+    peak = peak_flops(device)  # bf16 dense peak by GPU name (nanochat.common); None on CPU
     mfu = model_flops / peak if peak else None
     groups = model.num_params_by_group()
     result = {

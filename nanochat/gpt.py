@@ -99,57 +99,32 @@ def apply_rotary(x, cos, sin):
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
-# ----------------------------------------------------------------------------- attention backends
+# ----------------------------------------------------------------------------- attention
 
-def _flex_attention():
-    """Compiled flex_attention on CUDA for sliding windows (None when unavailable). CPU never imports it."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:
-        return None
-    return torch.compile(flex_attention, dynamic=False), create_block_mask
-
-
-_FLEX = None  # lazily built: (compiled flex_attention, create_block_mask) or False
-
-
-@lru_cache(maxsize=16)
 def _sliding_mask(Tq: int, Tk: int, window: int | None, device: torch.device) -> torch.Tensor:
     """Bool (Tq, Tk) mask, True = attend. Query i sits at position Tk - Tq + i, key j at position j:
-    causal, and within the last `window` positions (itself included) when window is not None."""
-    with torch.inference_mode(False):  # cached across calls: must not be an inference tensor
-        q = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)
-        k = torch.arange(Tk, device=device)[None, :]
-        m = k <= q
-        if window is not None:
-            m &= k > q - window
-        return m
-
-
-@lru_cache(maxsize=16)
-def _flex_block_mask(T: int, window: int, device: torch.device):
-    def sliding(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
-    return _FLEX[1](sliding, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+    causal, and within the last `window` positions (itself included) when window is not None.
+    Built per call from aranges (microseconds; traceable by torch.compile, no cache to go stale)."""
+    q = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+    k = torch.arange(Tk, device=device)[None, :]
+    m = k <= q
+    if window is not None:
+        m &= k > q - window
+    return m
 
 
 def attention(q, k, v, window: int | None):
-    """q: (B, H, Tq, D), k/v: (B, Hkv, Tk, D), Tk >= Tq; the queries are the last Tq of the Tk positions."""
-    global _FLEX
+    """q: (B, H, Tq, D), k/v: (B, Hkv, Tk, D), Tk >= Tq; the queries are the last Tq of the Tk positions.
+    SDPA picks the kernel: flash (CUDA) / the CPU flash kernel for the causal case, a masked kernel for
+    sliding windows and for chunks decoded on top of a cache."""
     Tq, Tk = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
     if window is not None and Tk <= window:
         window = None  # the window cannot bind: nothing is further back than it
     if window is None and Tq == Tk:
-        # training / prefill: the fast causal kernel (flash on CUDA)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if window is None and Tq == 1:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # one new token sees every key given
-    if q.is_cuda and Tq == Tk:
-        if _FLEX is None:
-            _FLEX = _flex_attention() or False
-        if _FLEX:
-            return _FLEX[0](q, k, v, block_mask=_flex_block_mask(Tq, window, q.device), enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=_sliding_mask(Tq, Tk, window, q.device),
                                           enable_gqa=gqa)
 

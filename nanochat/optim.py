@@ -87,6 +87,8 @@ class Muon(torch.optim.Optimizer):
     Params are grouped by shape (one group per shape) so each group is orthogonalised in one batched call.
     """
 
+    is_muon = True  # lets a training loop find the optimizer whose momentum it schedules
+
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0):
         params = list(params)
         if any(p.ndim != 2 for p in params):
