@@ -79,9 +79,13 @@ async def test_runs_list_ops_and_quit_leaves_runs_alone(tmp_path):
         await until(pilot, lambda: ("resume", "20250101-100000-demo") in sup.calls)
         await pilot.press("down", "t")  # retry the failed stage of the second run
         await until(pilot, lambda: ("retry", "20250101-090000-demo", "base_train") in sup.calls)
+        # the running run cannot be deleted: make sure the cursor is on the failed one
+        await until(pilot, lambda: app.screen.selected_run().name == "20250101-090000-demo", what="failed run selected")
         await pilot.press("d")
         assert screen_name(app) == "ConfirmScreen"
+        await pilot.pause()  # let the modal mount before its key arrives (under load it may not have yet)
         await pilot.press("y")
+        await until(pilot, lambda: screen_name(app) != "ConfirmScreen", what="confirmation closed")
         await until(pilot, lambda: table.row_count == 1, what="deleted run gone")
         assert not (tmp_path / "runs" / "20250101-090000-demo").exists()
         await pilot.press("enter")

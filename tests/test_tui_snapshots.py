@@ -77,7 +77,7 @@ def build(tmp_path: Path, screen: str):
         elif screen == "chat":
             await until(pilot, lambda: scr.backend is not None)
             await pilot.press(*"What is 6*7?", "enter")
-            await until(pilot, lambda: len(scr.conv["messages"]) == 2)
+            await until(pilot, lambda: len(scr.conv["messages"]) == 2 and not scr.generating)
             scr.query_one("#chat-input").cursor_blink = False  # a blinking cursor makes the snapshot flaky
         elif screen == "report":
             await until(pilot, lambda: "CORE" in scr.query_one("#report-md").document.source)

@@ -76,7 +76,12 @@ class RunsScreen(Screen):
         app = self.app
         sup, now = app.supervisor, app.services.clock()
         gpu = app.gpus[0].name if app.gpus else None
-        rows = [quick_summary(rd, sup.read_state(rd), now, app.cfg["gpu_hourly_usd"], gpu) for rd in sup.list_runs()]
+        rows = []
+        for rd in sup.list_runs():
+            try:
+                rows.append(quick_summary(rd, sup.read_state(rd), now, app.cfg["gpu_hourly_usd"], gpu))
+            except (OSError, ValueError):
+                continue  # deleted while we read it (here or from another terminal): it is gone, skip it
         self.post_message(RunsLoaded(rows))
 
     def on_runs_loaded(self, msg: RunsLoaded):
