@@ -31,6 +31,8 @@ OVERRIDES = " ".join([
     "base_eval.bpb_tokens=4096",
     "mid_train.num_iterations=3", "mid_train.eval_tokens=4096",
     "chat_sft.num_iterations=3", "chat_sft.eval_every=-1", "chat_sft.eval_examples=4", "chat_sft.eval_max_tokens=8",
+    "chat_rl.num_iterations=2", "chat_rl.eval_every=-1", "chat_rl.eval_examples=4", "chat_rl.eval_samples=2",
+    "chat_rl.examples_per_step=2", "chat_rl.num_samples=2", "chat_rl.max_new_tokens=16",
     "chat_eval.tasks=SpellingBee", "chat_eval.max_problems=4", "chat_eval.max_new_tokens=16",
 ])
 
@@ -201,7 +203,8 @@ def test_tui_drives_a_real_demo_run_in_tmux(tmp_path):
 
         # -- chat with the result (the latest checkpoint: sft)
         term.keys("c")
-        term.wait_for(r"ready: sft step \d+", 90, "the SFT checkpoint loaded in the chat screen")
+        # the most trained phase is picked: RL when the profile runs it (the demo does), else SFT
+        term.wait_for(r"ready: (rl|sft) step \d+", 90, "the latest chat checkpoint loaded in the chat screen")
         term.wait_focus("message (enter sends)", 20, "the message field")
         prompt = "What is 2 plus 3?"
         term.keys(prompt, literal=True)
