@@ -219,8 +219,11 @@ def summary_table(stages: list[StageData]) -> dict[str, dict[str, float]]:
     rows = {_norm(r): r for r in SUMMARY_ROWS}
     out: dict[str, dict[str, float]] = {r: {} for r in SUMMARY_ROWS}
     for sd in stages:
-        # a CORE task (one with a centered score) is not the chat eval of the same name
-        core_tasks = {e.get("task") for e in sd.kind("eval") if e.get("metric") == "centered"}
+        # per-task CORE scores (in the stage that writes the CORE aggregate) are not the chat evals of
+        # the same name (arc_easy vs ARC-Easy); chat evals write `centered` too, so the aggregate decides
+        evals = sd.kind("eval")
+        core_tasks = {e.get("task") for e in evals if e.get("task") != "CORE"} \
+            if any(e.get("task") == "CORE" for e in evals) else set()
         for e in sd.kind("eval"):
             if e.get("task") in core_tasks:
                 continue

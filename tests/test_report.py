@@ -199,3 +199,27 @@ def test_error_of_an_earlier_attempt_is_not_reported_after_a_successful_resume(t
         (tmp_path / "base_eval" / "events.jsonl").read_text().splitlines(keepends=True)[0]
         + (tmp_path / "base_eval" / "events.jsonl").read_text().splitlines(keepends=True)[1])
     assert "RuntimeError: bundle missing" in build_report(tmp_path)
+
+
+def test_summary_table_takes_chat_evals_that_also_write_centered(tmp_path):
+    from nanochat.events import EventWriter
+    from nanochat.report import build_report
+    base = EventWriter(tmp_path, "base_eval")
+    base.start()
+    base.eval(task="arc_easy", metric="acc", value=0.40, phase="base", centered=0.2)
+    base.eval(task="arc_easy", metric="centered", value=0.20, phase="base")
+    base.eval(task="CORE", metric="core", value=0.11, phase="base")
+    base.end()
+    base.close()
+    chat = EventWriter(tmp_path, "chat_eval_sft")
+    chat.start()
+    chat.eval(task="ARC-Easy", metric="acc", value=0.5, phase="sft", centered=1 / 3)
+    chat.eval(task="ARC-Easy", metric="centered", value=1 / 3, phase="sft")
+    chat.eval(task="ChatCORE", metric="chatcore", value=1 / 3, phase="sft")
+    chat.end()
+    chat.close()
+    text = build_report(tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| ARC-Easy |"))
+    assert row.split("|")[1:5] == [" ARC-Easy ", " - ", " - ", " 0.5000 "]  # SFT acc; the CORE task is not ARC-Easy BASE
+    core = next(line for line in text.splitlines() if line.startswith("| CORE |"))
+    assert core.split("|")[2].strip() == "0.1100"
