@@ -61,6 +61,8 @@ def build(tmp_path: Path, screen: str):
             return
         if screen == "help":
             await pilot.press("f1")
+            await until(pilot, lambda: type(app.screen).__name__ == "HelpScreen")
+            await pilot.pause(0.3)  # let the modal lay out its tables before the snapshot
             return
         app.open_run_screen(r.dir, screen)
         await pilot.pause(0.1)
