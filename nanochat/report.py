@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import math
 import os
 import platform
 import re
@@ -246,11 +247,17 @@ def summary_table(stages: list[StageData]) -> dict[str, dict[str, float]]:
 # ------------------------------------------------------------------------------------ formatting
 
 def fmt_duration(s: float | None) -> str:
-    if s is None:
+    """4s, 3m05s, 2h07m, 1d03h; '-' for unknown (None, NaN, negative). Shared with the CLI and the TUI."""
+    if s is None or not math.isfinite(s) or s < 0:
         return "-"
-    s = int(round(s))
-    h, m, sec = s // 3600, s % 3600 // 60, s % 60
-    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+    s = int(s)
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
 
 
 def _fmt(v, how: str) -> str:

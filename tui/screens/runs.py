@@ -14,9 +14,11 @@ from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Select, Static
 
+from nanochat.report import fmt_duration
+
 from ..runmodel import RunSummary, quick_summary
 from ..services import list_profiles, preview_config
-from ..widgets.panels import GLYPH, fmt_duration
+from ..widgets.panels import GLYPH
 
 # config keys the launch form's depth / GPU fields set (the rest go through free-form overrides)
 DEPTH_KEY = "base_train.depth"

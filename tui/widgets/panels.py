@@ -8,24 +8,13 @@ from rich.text import Text
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
+from nanochat.report import fmt_duration
+
 from ..runmodel import RunModel, StageState, fnum
 from .plot import fmt_num
 
 GLYPH = {"pending": ("·", "dim"), "running": ("▶", "bold #4fc1ff"), "succeeded": ("✓", "#7fd962"),
          "failed": ("✗", "bold #f07178"), "stopped": ("■", "#ffb454"), "skipped": ("↷", "dim"), "incomplete": ("◌", "#ffb454")}
-
-
-def fmt_duration(s: float | None) -> str:
-    if s is None or not math.isfinite(s) or s < 0:
-        return "-"
-    s = int(s)
-    if s >= 86400:
-        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
 
 
 def fmt_bytes(b: float) -> str:
