@@ -174,6 +174,7 @@ def main(ctx: StageContext) -> dict:
 
     # ---- training loop
     train_time, smooth_loss, last_val_bpb = elapsed_before, 0.0, None
+    timed_steps = 0  # steps in train_time this attempt (MFU of the whole stage)
     step = start_step
     model.train()
     while True:
@@ -219,6 +220,7 @@ def main(ctx: StageContext) -> dict:
 
         if step - start_step > 1:  # the first step pays for compilation and warmup
             train_time += dt
+            timed_steps += 1
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
         debiased = smooth_loss / (1 - 0.9 ** (step - start_step))
         tok_per_sec = total_batch / dt
@@ -237,8 +239,8 @@ def main(ctx: StageContext) -> dict:
                 total_flops=flops_per_token * tokens, num_iterations=num_iterations, steps_done=step,
                 total_batch_size=total_batch, min_val_bpb=min_val_bpb, final_val_bpb=last_val_bpb,
                 train_time_s=train_time, depth=cfg["depth"], model_config=model_config,
-                mfu=(flops_per_token * (tokens - start_step * total_batch) / max(train_time - elapsed_before, 1e-9)
-                     / (peak * dist.world_size)) if peak and train_time > elapsed_before else None)
+                mfu=(flops_per_token * timed_steps * total_batch / (train_time - elapsed_before)
+                     / (peak * dist.world_size)) if peak and timed_steps else None)
 
 
 if __name__ == "__main__":
