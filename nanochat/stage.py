@@ -114,9 +114,7 @@ def stage_main(name: str, main: Callable[[StageContext], dict | None],
         code = STOPPED_EXIT_CODE if ctx.stop_requested else 0
     except ConfigError as e:
         events.error(e)
-        events.close()
-        compute_cleanup()
-        die(str(e))
+        die(str(e))  # one line for the user; `finally` still closes events and the process group
     except BaseException as e:
         if not isinstance(e, SystemExit):
             events.error(e)
