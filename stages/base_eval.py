@@ -17,7 +17,7 @@ import torch
 
 from nanochat import core_eval
 from nanochat.checkpoint import ckpt_dir, latest_step, load_model
-from nanochat.common import default_compute_dtype, get_base_dir, print0
+from nanochat.common import get_base_dir, print0
 from nanochat.config import ConfigError
 from nanochat.stage import StageContext, stage_main
 
@@ -63,7 +63,7 @@ def resolve_bundle(ctx: StageContext) -> Path | None:
     return path
 
 
-def val_bpb(ctx: StageContext, model, tokenizer, autocast) -> float | None:
+def val_bpb(ctx: StageContext, model, tokenizer) -> float | None:
     from nanochat.config import check_data_dir
     from nanochat.dataloader import PackingLoader
     from nanochat.dataset import data_files
@@ -78,8 +78,7 @@ def val_bpb(ctx: StageContext, model, tokenizer, autocast) -> float | None:
     steps = max(1, ctx.cfg["base_eval"]["bpb_tokens"] // (B * T * ctx.dist.world_size))
     loader = PackingLoader(tokenizer, files, B, T, ctx.dist.rank, ctx.dist.world_size, ctx.dist.device)
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=ctx.dist.device)
-    with autocast:
-        return evaluate_bpb(model, loader, steps, token_bytes)
+    return evaluate_bpb(model, loader, steps, token_bytes)
 
 
 def main(ctx: StageContext) -> dict:
@@ -90,8 +89,6 @@ def main(ctx: StageContext) -> dict:
         raise ConfigError(f"no {phase} checkpoint in {ckpt_dir(ctx.run_dir, phase)}; train it first")
     model, tokenizer, meta = load_model(ctx.run_dir, phase, step=args.step, device=device)
     step = meta.get("step")
-    dtype = default_compute_dtype(device.type)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     max_per_task = args.max_per_task if args.max_per_task is not None else ctx.cfg["base_eval"]["max_per_task"]
     tasks = [t for t in args.tasks.split("|") if t] if args.tasks else None
     bundle = resolve_bundle(ctx)
@@ -106,9 +103,8 @@ def main(ctx: StageContext) -> dict:
     res = {"core": None, "partial": None, "missing": None, "tasks": {}}
     if bundle is not None:
         try:
-            with autocast:
-                res = core_eval.evaluate_core(model, tokenizer, bundle, device, max_per_task, tasks, on_task,
-                                              stop=ctx.should_stop)
+            res = core_eval.evaluate_core(model, tokenizer, bundle, device, max_per_task, tasks, on_task,
+                                          stop=ctx.should_stop)
         except core_eval.BundleError as e:
             raise ConfigError(str(e)) from None
         print0(core_eval.format_table(res))
@@ -118,15 +114,14 @@ def main(ctx: StageContext) -> dict:
                 missing=res["missing"], n=len(res["tasks"]), baselines_file=res["baselines_file"])
     core_s = time.time() - t0
 
-    bpb = None if ctx.stop_requested else val_bpb(ctx, model, tokenizer, autocast)
+    bpb = None if ctx.stop_requested else val_bpb(ctx, model, tokenizer)
     if bpb is not None:
         print0(f"val bpb: {bpb:.4f}")
         ev.eval(task="val", metric="bpb", value=bpb, step=step, phase=phase)
 
     if ctx.dist.master and not ctx.stop_requested:
         for prompt in SAMPLE_PROMPTS:
-            with autocast:
-                text = sample_greedy(model, tokenizer, prompt, 16, device)
+            text = sample_greedy(model, tokenizer, prompt, 16, device)
             print0(f"{prompt!r} -> {text!r}")
             ev.sample(prompt=prompt, text=text, step=step, phase=phase)
     return {"core": res["core"], "partial": res["partial"], "missing": res["missing"], "val_bpb": bpb,

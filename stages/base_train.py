@@ -15,7 +15,7 @@ import time
 import torch
 
 from nanochat.checkpoint import ckpt_dir, latest_step, load_checkpoint, save_checkpoint
-from nanochat.common import default_compute_dtype, peak_flops, print0
+from nanochat.common import peak_flops, print0
 from nanochat.config import (ConfigError, check_data_dir, derive_num_iterations, derive_total_batch,
                              model_dims)
 from nanochat.stage import StageContext, stage_main
@@ -138,8 +138,6 @@ def main(ctx: StageContext) -> dict:
         ev.emit("log", message=f"resumed from step {start_step}", step=start_step)
 
     train_loader = PackingLoader(tokenizer, train_files, B, T, dist.rank, dist.world_size, device, state=loader_state)
-    compute_dtype = default_compute_dtype(device.type)
-    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     step_model = model
     if device.type == "cuda" and cfg["compile"]:
         step_model = torch.compile(model, dynamic=False)
@@ -150,8 +148,7 @@ def main(ctx: StageContext) -> dict:
         model.eval()
         loader = PackingLoader(tokenizer, val_files, B, T, dist.rank, dist.world_size, device)
         steps = max(1, cfg["eval_tokens"] // tokens_per_fwdbwd)
-        with autocast:
-            bpb = evaluate_bpb(model, loader, steps, token_bytes)
+        bpb = evaluate_bpb(model, loader, steps, token_bytes)
         model.train()
         return bpb
 
@@ -186,9 +183,8 @@ def main(ctx: StageContext) -> dict:
             ev.eval(task="val", metric="bpb", value=last_val_bpb, step=step, phase="base")
         if dist.master and cfg["sample_every"] > 0 and step > start_step and (step % cfg["sample_every"] == 0 or last):
             model.eval()
-            with autocast:
-                for prompt in SAMPLE_PROMPTS:
-                    ev.sample(prompt=prompt, text=sample_greedy(model, tokenizer, prompt, 16, device), step=step)
+            for prompt in SAMPLE_PROMPTS:
+                ev.sample(prompt=prompt, text=sample_greedy(model, tokenizer, prompt, 16, device), step=step)
             model.train()
         stop = ctx.should_stop()
         if step > start_step and (last or stop or step % save_every == 0):
@@ -207,8 +203,7 @@ def main(ctx: StageContext) -> dict:
         loss_sum = torch.zeros((), device=device)
         for _ in range(grad_accum):
             x, y = next(train_loader)
-            with autocast:
-                loss = step_model(x, y)
+            loss = step_model(x, y)  # the model applies its compute dtype (bf16 on CUDA) itself
             (loss / grad_accum).backward()
             loss_sum += loss.detach()
         for opt in optimizers:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import time
 
-import torch
 
 from nanochat import chat_eval
 from nanochat.checkpoint import ckpt_dir, latest_step, load_model
-from nanochat.common import default_compute_dtype, print0
+from nanochat.common import print0
 from nanochat.config import ConfigError
 from nanochat.stage import StageContext, stage_main
 from nanochat.tasks.common import TaskDataError
@@ -73,8 +72,6 @@ def main(ctx: StageContext) -> dict:
 
     model, tokenizer, meta = load_model(ctx.run_dir, phase, step=args.step, device=device)
     step = meta.get("step")
-    dtype = default_compute_dtype(device.type)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def on_task(name, r):
         print0(f"{name:<14} acc {r['acc']:.4f}  centred {r['centered']:+.4f}  (n={r['n']}, {r['seconds']:.1f}s)")
@@ -82,11 +79,10 @@ def main(ctx: StageContext) -> dict:
         ev.eval(task=name, metric="centered", value=r["centered"], n=r["n"], step=step, phase=phase)
 
     t0 = time.time()
-    with autocast:
-        res = chat_eval.run_chat_eval(model, tokenizer, list(tasks), device=device, max_problems=max_problems,
-                                      batch_size=args.batch_size, on_task=on_task, tasks=tasks, stop=ctx.should_stop,
-                                      num_samples=num_samples, max_new_tokens=max_new, temperature=temperature,
-                                      top_k=top_k or None)
+    res = chat_eval.run_chat_eval(model, tokenizer, list(tasks), device=device, max_problems=max_problems,
+                                  batch_size=args.batch_size, on_task=on_task, tasks=tasks, stop=ctx.should_stop,
+                                  num_samples=num_samples, max_new_tokens=max_new, temperature=temperature,
+                                  top_k=top_k or None)
     print0(chat_eval.format_table(res))
     ev.eval(task="ChatCORE", metric="chatcore", value=res["chatcore"], step=step, phase=phase,
             partial=res["partial"], missing=missing, n=len(res["tasks"]))
