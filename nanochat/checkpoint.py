@@ -20,6 +20,10 @@ from nanochat.common import fsync_dir
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 
+# the checkpoint phases in pipeline order (checkpoints/<phase>/), and the stage that writes each one
+PHASES = ("base", "mid", "sft", "rl")
+PHASE_STAGE = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl"}
+
 
 def ckpt_dir(run_dir: str | os.PathLike, phase: str) -> Path:
     return Path(run_dir) / "checkpoints" / phase
@@ -116,7 +120,7 @@ def load_checkpoint(directory, step: int | None = None, device="cpu", rank: int 
 def load_model(run_dir, phase: str, step: int | None = None, device=None):
     """-> (model in eval mode, tokenizer, meta). `run_dir` may also be a checkpoint phase directory."""
     import torch
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import build_model
     from nanochat.tokenizer import Tokenizer
     from nanochat.common import autodetect_device_type
 
@@ -124,10 +128,7 @@ def load_model(run_dir, phase: str, step: int | None = None, device=None):
     directory = run_dir if latest_step(run_dir) is not None else ckpt_dir(run_dir, phase)
     device = torch.device(device or autodetect_device_type())
     model_state, _, meta = load_checkpoint(directory, step, device=device)
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**meta["model_config"]))
-    model.to_empty(device=device)
-    model.init_weights()  # buffers such as rotary tables are not in the state dict
+    model = build_model(meta["model_config"], device)  # initialised: buffers such as rotary tables are not saved
     model.load_state_dict(model_state, strict=True, assign=True)
     model.eval()
     # the run's tokenizer is <run_dir>/tokenizer, found from the checkpoint's own location so that a

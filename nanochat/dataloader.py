@@ -164,3 +164,54 @@ def eval_batches(tokenizer, files, B: int, T: int, rank: int = 0, world_size: in
             return
         yield batch
 
+
+class ConversationPacker:
+    """next(packer) -> (x, y) of shape (B, T): rendered conversations packed BOS-aligned, best fit.
+
+    Rank r reads examples r, r + world_size, ... of the mixture. Rows are filled from a small buffer of
+    rendered conversations: the longest that still fits goes in; when none fits, the shortest is cropped
+    to the space left. The state (next index, epoch, indices waiting in the buffer) is a few integers, and
+    rendering is deterministic, so a resumed packer continues with exactly the same batches.
+    """
+
+    def __init__(self, tokenizer, data, B: int, T: int, rank: int = 0, world_size: int = 1, device="cpu",
+                 state: dict | None = None, buffer_size: int = 32):
+        if len(data) <= rank:
+            raise ValueError(f"the mixture has {len(data)} conversations: too few for rank {rank} of {world_size}")
+        self.tokenizer, self.data, self.B, self.T = tokenizer, data, B, T
+        self.rank, self.world_size, self.device, self.buffer_size = rank, world_size, torch.device(device), buffer_size
+        self.cursor, self.epoch, self.buffer = rank, 1, []  # buffer: [(index, ids)]
+        if state:
+            self.cursor, self.epoch = state["cursor"], state["epoch"]
+            self.buffer = [(i, self.render(i)) for i in state["buffer"]]
+
+    def render(self, i: int) -> list[int]:
+        ids, _ = self.tokenizer.render_conversation(self.data[i], max_tokens=self.T + 1)
+        return ids
+
+    def _take(self, space: int) -> list[int]:
+        while len(self.buffer) < self.buffer_size:
+            if self.cursor >= len(self.data):
+                self.cursor, self.epoch = self.rank, self.epoch + 1
+            self.buffer.append((self.cursor, self.render(self.cursor)))
+            self.cursor += self.world_size
+        fits = [k for k, (_, ids) in enumerate(self.buffer) if len(ids) <= space]
+        k = max(fits, key=lambda k: len(self.buffer[k][1])) if fits else \
+            min(range(len(self.buffer)), key=lambda k: len(self.buffer[k][1]))
+        return self.buffer.pop(k)[1][:space]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rows = []
+        for _ in range(self.B):
+            row = []
+            while len(row) < self.T + 1:
+                row += self._take(self.T + 1 - len(row))
+            rows.append(row)
+        rows = torch.tensor(rows, dtype=torch.long)
+        return rows[:, :-1].contiguous().to(self.device), rows[:, 1:].contiguous().to(self.device)
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor, "epoch": self.epoch, "buffer": [i for i, _ in self.buffer]}

@@ -387,6 +387,16 @@ class GPT(nn.Module):
             return softcap * torch.tanh(logits / softcap)
 
 
+def build_model(model_config: dict, device) -> "GPT":
+    """A freshly initialised GPT of `model_config` (a GPTConfig dict) on `device`, built on meta first so that
+    no weights are allocated twice."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**model_config))
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
 @lru_cache(maxsize=8)
 def _default_dtype(device_type: str) -> torch.dtype:
     return default_compute_dtype(device_type)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 
+from nanochat.checkpoint import PHASES
 from nanochat.common import atomic_write
 from nanochat.events import EVENTS_FILE, as_float, read_events
 
@@ -36,7 +37,6 @@ GPU_HOURLY_USD = [("GH200", 3.50), ("H200", 3.80), ("H100", 3.00), ("B200", 5.50
                   ("RTX 3090", 0.25), ("V100", 0.50), ("T4", 0.35)]
 
 SUMMARY_ROWS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "ChatCORE"]
-PHASES = ["base", "mid", "sft", "rl"]
 CODE_EXTS = {".py", ".rs", ".toml", ".tcss", ".md", ".sh", ".yml", ".yaml", ".txt", ".cfg"}
 
 # end-event (or base_train's `log derived`) fields shown as labelled facts, in this order

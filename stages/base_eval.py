@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 
 from nanochat import core_eval
-from nanochat.checkpoint import ckpt_dir, latest_step, load_model
+from nanochat.checkpoint import PHASES, ckpt_dir, latest_step, load_model
 from nanochat.common import get_base_dir, print0
 from nanochat.config import ConfigError
 from nanochat.stage import StageContext, stage_main
 
-PHASES = ("base", "mid", "sft", "rl")
 
 
 def add_args(p):
@@ -82,7 +81,7 @@ def val_bpb(ctx: StageContext, model, tokenizer) -> float | None:
 
 
 def main(ctx: StageContext) -> dict:
-    from stages.base_train import SAMPLE_PROMPTS, sample_greedy
+    from nanochat.training import SAMPLE_PROMPTS, sample_greedy
     args, ev, device = ctx.args, ctx.events, ctx.dist.device
     phase = args.source
     if latest_step(ckpt_dir(ctx.run_dir, phase)) is None:

@@ -18,11 +18,9 @@ from nanochat.checkpoint import ckpt_dir, latest_step, load_checkpoint, save_che
 from nanochat.common import peak_flops, print0
 from nanochat.config import (ConfigError, check_data_dir, derive_num_iterations, derive_total_batch,
                              model_dims)
+from nanochat.gpt import build_model
 from nanochat.stage import StageContext, stage_main
-
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
-                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
-
+from nanochat.training import SAMPLE_PROMPTS, gather, load_tokenizer, sample_greedy, set_lr
 
 def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
                   final_lr_frac: float) -> float:
@@ -35,44 +33,6 @@ def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_
         return 1.0
     progress = (num_iterations - step) / max(1, warmdown)
     return progress + (1 - progress) * final_lr_frac
-
-
-def muon_momentum(step: int) -> float:
-    """Muon momentum warms from 0.85 to 0.95 over the first 300 steps."""
-    frac = min(step / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
-def load_tokenizer(run_dir):
-    from nanochat.tokenizer import Tokenizer
-    tok_dir = run_dir / "tokenizer"
-    if not (tok_dir / "tokenizer.json").exists():
-        raise ConfigError(f"no tokenizer in {tok_dir}; train one first: python -m stages.tok_train --run-dir {run_dir}")
-    return Tokenizer.load(tok_dir)
-
-
-@torch.no_grad()
-def sample_greedy(model, tokenizer, prompt: str, max_tokens: int, device) -> str:
-    """A few greedy tokens without a KV cache: cheap enough for a handful of prompts during training."""
-    ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-    out = []
-    for _ in range(max_tokens):
-        x = torch.tensor([ids[-model.config.sequence_len:]], device=device)
-        nxt = int(model(x)[0, -1].argmax())
-        if nxt == tokenizer.get_bos_token_id():
-            break
-        ids.append(nxt)
-        out.append(nxt)
-    return tokenizer.decode(out)
-
-
-def build_model(model_config: dict, device):
-    from nanochat.gpt import GPT, GPTConfig
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**model_config))
-    model.to_empty(device=device)
-    model.init_weights()
-    return model
 
 
 def main(ctx: StageContext) -> dict:
@@ -153,21 +113,13 @@ def main(ctx: StageContext) -> dict:
         return bpb
 
     def save(step: int):
-        meta = dict(model_config=model_config, loader_state=gather_loader_states(train_loader.state_dict()),
+        meta = dict(model_config=model_config, loader_state=gather(dist, train_loader.state_dict()),
                     min_val_bpb=min_val_bpb, train_time_s=train_time, num_params=num_params,
                     tokenizer_dir=str(ctx.run_dir / "tokenizer"), total_batch_size=total_batch)
         path = save_checkpoint(ckdir, step, model.state_dict(),
                                {"optimizers": [o.state_dict() for o in optimizers]}, meta,
                                rank=dist.rank, world_size=dist.world_size, keep_last=3)
         ev.checkpoint(step=step, path=str(path))
-
-    def gather_loader_states(state):
-        if not dist.ddp:
-            return [state]
-        import torch.distributed as tdist
-        states = [None] * dist.world_size
-        tdist.all_gather_object(states, state)
-        return states
 
     # ---- training loop
     train_time, smooth_loss, last_val_bpb = elapsed_before, 0.0, None
@@ -195,11 +147,7 @@ def main(ctx: StageContext) -> dict:
         # one optimizer step: grad_accum forward/backward passes
         t0 = time.time()
         lrm = lr_multiplier(step, num_iterations, cfg["warmup_ratio"], cfg["warmdown_ratio"], cfg["final_lr_frac"])
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-                if "momentum" in group and getattr(opt, "is_muon", False):
-                    group["momentum"] = muon_momentum(step)
+        set_lr(optimizers, lrm, step)
         loss_sum = torch.zeros((), device=device)
         for _ in range(grad_accum):
             x, y = next(train_loader)

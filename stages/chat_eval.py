@@ -14,13 +14,12 @@ import time
 
 
 from nanochat import chat_eval
-from nanochat.checkpoint import ckpt_dir, latest_step, load_model
+from nanochat.checkpoint import PHASES, ckpt_dir, latest_step, load_model
 from nanochat.common import print0
 from nanochat.config import ConfigError
 from nanochat.stage import StageContext, stage_main
 from nanochat.tasks.common import TaskDataError
 
-PHASES = ("base", "mid", "sft", "rl")
 
 
 def add_args(p):

@@ -23,8 +23,7 @@ import torch
 from nanochat.common import print0
 from nanochat.config import ConfigError
 from nanochat.stage import StageContext, stage_main
-from stages.base_train import load_tokenizer
-from stages.mid_train import all_sum, check_positive, load_mixtures, save_phase, set_lr, start_model
+from nanochat.training import all_sum, check_positive, load_mixtures, load_tokenizer, save_phase, set_lr, start_model
 
 
 def completions(engine, tokenizer, conversation, num_samples: int, max_tokens: int, temperature: float,

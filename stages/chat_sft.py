@@ -22,8 +22,7 @@ import torch
 from nanochat.common import print0
 from nanochat.config import ConfigError
 from nanochat.stage import StageContext, stage_main
-from stages.base_train import load_tokenizer
-from stages.mid_train import all_sum, check_positive, gather, load_mixtures, save_phase, set_lr, start_model
+from nanochat.training import all_sum, check_positive, gather, load_mixtures, load_tokenizer, save_phase, set_lr, start_model
 
 
 def collate(tokenizer, conversations, T: int, device):

@@ -8,9 +8,6 @@ to tokens, special tokens included, and packed into rows like pretraining text: 
 BOS, whole conversations are fitted best-first, and every token is a target. This is where the model
 first sees <|user_start|>, <|assistant_start|>, multiple-choice answers and calculator calls; SFT then
 only has to polish. Starts from the latest base checkpoint, writes checkpoints/mid.
-
-This file also holds what the three chat stages share: loading the previous phase, optimizers at a
-fraction of the base learning rates, resume and checkpointing (chat_sft and chat_rl import them).
 """
 from __future__ import annotations
 
@@ -19,163 +16,11 @@ import time
 
 import torch
 
-from nanochat.checkpoint import ckpt_dir, latest_step, load_checkpoint, save_checkpoint
 from nanochat.common import print0
 from nanochat.config import ConfigError
+from nanochat.dataloader import ConversationPacker
 from nanochat.stage import StageContext, stage_main
-from stages.base_train import build_model, load_tokenizer, muon_momentum
-
-# which stage writes each checkpoint phase, for "train it first" messages
-PHASE_STAGE = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl"}
-
-
-# ----------------------------------------------------------------------------- shared by the chat stages
-
-def load_mixtures(ctx: StageContext, key: str, val_examples: int):
-    """(train, val) mixtures of the spec at config `key` ('section.name'); val is None when no source has
-    a validation split. Data problems become a one-line ConfigError naming the key."""
-    from nanochat.tasks.mixture import build_mixture
-    spec, seed = ctx.cfg.get(key), ctx.cfg["run"]["seed"]
-    try:
-        train = build_mixture(spec, split="train", seed=seed)
-        val = build_mixture(spec, split="val", seed=seed, max_examples=val_examples)
-    except (OSError, ValueError, ImportError, AttributeError) as e:
-        raise ConfigError(f"{key} = {spec!r}: {e}") from None
-    if train is None:
-        raise ConfigError(f"{key} = {spec!r} has no training examples")
-    return train, val
-
-
-def start_model(ctx: StageContext, phase: str, sources: tuple[str, ...], lr_frac: float):
-    """The model and optimizers for a chat stage.
-
-    With --resume and a checkpoint of `phase`: that checkpoint, optimizer shards included. Otherwise the
-    latest checkpoint of the first of `sources` that has one, fresh optimizers. The model config always
-    comes from the checkpoint's meta. Returns (model, optimizers, meta, resumed, source_phase).
-    """
-    dist = ctx.dist
-    own = ckpt_dir(ctx.run_dir, phase)
-    resumed = ctx.resume and latest_step(own) is not None
-    src = phase if resumed else next((p for p in sources if latest_step(ckpt_dir(ctx.run_dir, p)) is not None), None)
-    if src is None:
-        raise ConfigError(f"no {' or '.join(sources)} checkpoint in {ckpt_dir(ctx.run_dir, sources[0]).parent}; "
-                          f"train it first: python -m stages.{PHASE_STAGE[sources[0]]} --run-dir {ctx.run_dir}")
-    model_state, optim_state, meta = load_checkpoint(ckpt_dir(ctx.run_dir, src), device=dist.device,
-                                                     rank=dist.rank, load_optim=resumed)
-    model = build_model(meta["model_config"], dist.device)
-    model.load_state_dict(model_state)
-    del model_state
-    bt = ctx.cfg["base_train"]  # the chat stages fine-tune at a fraction of pretraining's learning rates
-    optimizers = model.setup_optimizers(unembedding_lr=bt["unembedding_lr"] * lr_frac,
-                                        embedding_lr=bt["embedding_lr"] * lr_frac,
-                                        matrix_lr=bt["matrix_lr"] * lr_frac, scalar_lr=bt["scalar_lr"] * lr_frac,
-                                        weight_decay=0.0)
-    if resumed:
-        for opt, state in zip(optimizers, optim_state["optimizers"]):
-            opt.load_state_dict(state)
-        print0(f"resumed {phase} from step {meta['step']}")
-        ctx.events.emit("log", message=f"resumed from step {meta['step']}", step=meta["step"])
-    else:
-        print0(f"starting from the {src} checkpoint (step {meta['step']})")
-        ctx.events.emit("log", message=f"starting from {src} step {meta['step']}", source=src, source_step=meta["step"])
-    return model, optimizers, meta, resumed, src
-
-
-def set_lr(optimizers, lrm: float, step: int | None = None):
-    """Scale every group's initial_lr by lrm; with a step, also warm Muon's momentum like pretraining."""
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if step is not None and "momentum" in group and getattr(opt, "is_muon", False):
-                group["momentum"] = muon_momentum(step)
-
-
-def gather(dist, obj) -> list:
-    """One JSON-able object per rank, on every rank (the per-rank loader states of a checkpoint)."""
-    if not dist.ddp:
-        return [obj]
-    import torch.distributed as tdist
-    out = [None] * dist.world_size
-    tdist.all_gather_object(out, obj)
-    return out
-
-
-def all_sum(dist, *values: float) -> list[float]:
-    """Sum numbers over ranks (a no-op on one process)."""
-    t = torch.tensor(values, dtype=torch.float64, device=dist.device)
-    if dist.ddp:
-        import torch.distributed as tdist
-        tdist.all_reduce(t)
-    return t.tolist()
-
-
-def save_phase(ctx: StageContext, phase: str, step: int, model, optimizers, model_config: dict, **meta):
-    """A checkpoint of this phase (collective: every rank calls it) and its event."""
-    meta = dict(model_config=model_config, tokenizer_dir=str(ctx.run_dir / "tokenizer"), **meta)
-    path = save_checkpoint(ckpt_dir(ctx.run_dir, phase), step, model.state_dict(),
-                           {"optimizers": [o.state_dict() for o in optimizers]}, meta,
-                           rank=ctx.dist.rank, world_size=ctx.dist.world_size, keep_last=2)
-    ctx.events.checkpoint(step=step, path=str(path))
-
-
-def check_positive(section: str, cfg: dict, *keys: str):
-    for k in keys:
-        if cfg[k] < 1:
-            raise ConfigError(f"{section}.{k} = {cfg[k]} must be at least 1")
-
-
-# ----------------------------------------------------------------------------- packing conversations
-
-class ConversationPacker:
-    """next(packer) -> (x, y) of shape (B, T): rendered conversations packed BOS-aligned, best fit.
-
-    Rank r reads examples r, r + world_size, ... of the mixture. Rows are filled from a small buffer of
-    rendered conversations: the longest that still fits goes in; when none fits, the shortest is cropped
-    to the space left. The state (next index, epoch, indices waiting in the buffer) is a few integers, and
-    rendering is deterministic, so a resumed packer continues with exactly the same batches.
-    """
-
-    def __init__(self, tokenizer, data, B: int, T: int, rank: int = 0, world_size: int = 1, device="cpu",
-                 state: dict | None = None, buffer_size: int = 32):
-        if len(data) <= rank:
-            raise ValueError(f"the mixture has {len(data)} conversations: too few for rank {rank} of {world_size}")
-        self.tokenizer, self.data, self.B, self.T = tokenizer, data, B, T
-        self.rank, self.world_size, self.device, self.buffer_size = rank, world_size, torch.device(device), buffer_size
-        self.cursor, self.epoch, self.buffer = rank, 1, []  # buffer: [(index, ids)]
-        if state:
-            self.cursor, self.epoch = state["cursor"], state["epoch"]
-            self.buffer = [(i, self.render(i)) for i in state["buffer"]]
-
-    def render(self, i: int) -> list[int]:
-        ids, _ = self.tokenizer.render_conversation(self.data[i], max_tokens=self.T + 1)
-        return ids
-
-    def _take(self, space: int) -> list[int]:
-        while len(self.buffer) < self.buffer_size:
-            if self.cursor >= len(self.data):
-                self.cursor, self.epoch = self.rank, self.epoch + 1
-            self.buffer.append((self.cursor, self.render(self.cursor)))
-            self.cursor += self.world_size
-        fits = [k for k, (_, ids) in enumerate(self.buffer) if len(ids) <= space]
-        k = max(fits, key=lambda k: len(self.buffer[k][1])) if fits else \
-            min(range(len(self.buffer)), key=lambda k: len(self.buffer[k][1]))
-        return self.buffer.pop(k)[1][:space]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        rows = []
-        for _ in range(self.B):
-            row = []
-            while len(row) < self.T + 1:
-                row += self._take(self.T + 1 - len(row))
-            rows.append(row)
-        rows = torch.tensor(rows, dtype=torch.long)
-        return rows[:, :-1].contiguous().to(self.device), rows[:, 1:].contiguous().to(self.device)
-
-    def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "epoch": self.epoch, "buffer": [i for i, _ in self.buffer]}
+from nanochat.training import check_positive, gather, load_mixtures, load_tokenizer, save_phase, set_lr, start_model
 
 
 def epoch_tokens(tokenizer, data, T: int, sample: int = 512) -> float:

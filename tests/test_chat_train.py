@@ -23,7 +23,7 @@ def chat_run(tiny_run):
     """tiny_run plus a random-init base checkpoint (step 0) for the chat stages to start from."""
     run_dir, base = tiny_run
     from nanochat.tokenizer import Tokenizer
-    from stages.base_train import build_model
+    from nanochat.gpt import build_model
     vocab = Tokenizer.load(run_dir / "tokenizer").get_vocab_size()
     torch.manual_seed(0)
     model = build_model(dict(MODEL, vocab_size=vocab), "cpu")
@@ -102,7 +102,7 @@ def test_rendered_mixture_supervises_only_assistant_and_tool_calls(tiny_tokenize
 def test_conversation_packer_rows_and_resume(tiny_tokenizer_dir):
     from nanochat.tasks.mixture import build_mixture
     from nanochat.tokenizer import Tokenizer
-    from stages.mid_train import ConversationPacker
+    from nanochat.dataloader import ConversationPacker
     tok = Tokenizer.load(tiny_tokenizer_dir)
     mix = build_mixture("demo:50|identity", split="train")
     packer = ConversationPacker(tok, mix, B=3, T=96, rank=1, world_size=2)

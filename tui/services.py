@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from nanochat.checkpoint import PHASES
 from nanochat.common import get_base_dir
 
 from .runmodel import normalize_state, read_state_file
@@ -279,7 +280,7 @@ def preview_config(profile: str, overrides: list[str]) -> str:
 def list_checkpoints(run_dir: Path) -> list[tuple[str, int]]:
     """(phase, step) of every checkpoint of a run, latest phase/step first."""
     out = []
-    order = {"base": 0, "mid": 1, "sft": 2, "rl": 3}
+    order = {p: i for i, p in enumerate(PHASES)}
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return out
