@@ -60,18 +60,6 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    @classmethod
-    def from_depth(cls, depth, vocab_size, sequence_len, aspect_ratio=64, head_dim=128, **kw) -> "GPTConfig":
-        """depth is the one dial: width = depth * aspect_ratio, heads of head_dim channels (at least one)."""
-        if depth < 1:
-            raise ValueError(f"depth={depth} must be >= 1")
-        n_embd = depth * aspect_ratio
-        n_head = max(1, n_embd // head_dim)
-        while n_embd % n_head:  # keep heads an exact split of the width
-            n_head -= 1
-        return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                   n_kv_head=n_head, n_embd=n_embd, **kw)
-
     def window_sizes(self) -> list[int | None]:
         """Per-layer attention window in tokens (None = full context). The last layer is always full."""
         pattern = self.window_pattern.upper()

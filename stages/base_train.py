@@ -16,9 +16,9 @@ import torch
 
 from nanochat.checkpoint import ckpt_dir, latest_step, load_checkpoint, save_checkpoint
 from nanochat.common import peak_flops, print0
-from nanochat.config import (ConfigError, check_data_dir, derive_num_iterations, derive_total_batch,
-                             model_dims)
+from nanochat.config import ConfigError, check_data_dir
 from nanochat.gpt import build_model
+from nanochat.scaling import model_config as derived_model_config
 from nanochat.stage import StageContext, stage_main
 from nanochat.training import SAMPLE_PROMPTS, gather, load_tokenizer, sample_greedy, set_lr
 
@@ -49,26 +49,21 @@ def main(ctx: StageContext) -> dict:
                           f"{files[0].parent if files else 'the data dir'}")
     train_files, val_files = files[:-1], files[-1:]
 
-    # ---- model: everything derived from depth
+    # ---- model: everything derived from depth (nanochat/scaling.py filled the config; `nanochat plan` shows it)
     T, B = cfg["max_seq_len"], cfg["device_batch_size"]
-    model_config = dict(sequence_len=T, vocab_size=tokenizer.get_vocab_size(),
-                        window_pattern=cfg["window_pattern"],
-                        **model_dims(cfg["depth"], cfg["aspect_ratio"], cfg["head_dim"]))
+    model_config = derived_model_config(cfg, tokenizer.get_vocab_size())
     model = build_model(model_config, device)
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.estimate_flops()
 
     tokens_per_fwdbwd = B * T * dist.world_size
-    total_batch = cfg["total_batch_size"] if cfg["total_batch_size"] > 0 else derive_total_batch(num_params, T)
-    grad_accum = max(1, round(total_batch / tokens_per_fwdbwd))
-    if grad_accum * tokens_per_fwdbwd != total_batch:
-        print0(f"total batch {total_batch:,} is not a multiple of {tokens_per_fwdbwd:,} tokens per forward/backward; "
-               f"using {grad_accum * tokens_per_fwdbwd:,}")
-    total_batch = grad_accum * tokens_per_fwdbwd
-    num_iterations = cfg["num_iterations"] if cfg["num_iterations"] > 0 else \
-        derive_num_iterations(num_params, total_batch, cfg["target_param_data_ratio"])
-    eval_every = cfg["eval_every"] if cfg["eval_every"] > 0 else num_iterations
-    save_every = cfg["save_every"] if cfg["save_every"] > 0 else num_iterations
+    total_batch, num_iterations = cfg["total_batch_size"], cfg["num_iterations"]
+    if total_batch % tokens_per_fwdbwd:
+        raise ConfigError(f"base_train.total_batch_size = {total_batch:,} is not a multiple of {tokens_per_fwdbwd:,} "
+                          f"tokens per forward/backward on {dist.world_size} processes; set run.nproc_per_node "
+                          f"to the processes this stage runs on, or change base_train.device_batch_size")
+    grad_accum = total_batch // tokens_per_fwdbwd
+    eval_every, save_every = cfg["eval_every"], cfg["save_every"]
     print0(f"params {num_params:,} | {flops_per_token:.3e} FLOPs/token | batch {total_batch:,} tokens "
            f"({grad_accum} accumulation steps) | {num_iterations:,} steps | {num_iterations * total_batch:,} tokens")
     ev.emit("log", message="derived", num_params=num_params, flops_per_token=flops_per_token,

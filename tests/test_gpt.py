@@ -34,17 +34,11 @@ def make_model(seed=0, perturb=0.0, **kw):
     return model
 
 
-def test_config_validation_and_from_depth():
-    cfg = GPTConfig.from_depth(4, vocab_size=1000, sequence_len=512, head_dim=64)
-    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim) == (4, 256, 4, 4, 64)
-    assert GPTConfig.from_depth(1, 100, 16, aspect_ratio=64, head_dim=128).n_head == 1  # at least one head
-    assert GPTConfig.from_depth(20, 65536, 2048).n_embd == 1280
+def test_config_validation():
     with pytest.raises(ValueError, match="n_kv_head=3 must divide n_head=4"):
         tiny_config(n_kv_head=3)
     with pytest.raises(ValueError, match="window_pattern"):
         tiny_config(window_pattern="SXL")
-    with pytest.raises(ValueError, match="depth=0"):
-        GPTConfig.from_depth(0, 100, 16)
 
 
 def test_window_sizes_tile_pattern_and_last_layer_is_full():

@@ -25,6 +25,15 @@ DEPTH_KEY = "base_train.depth"
 GPUS_KEY = "run.nproc_per_node"
 
 
+def plan_preview(profile: str, overrides: list[str]) -> str:
+    """`nanochat plan`'s text for the form; ValueError with the one-line reason when a run would be refused."""
+    from nanochat.config import load_config
+    from nanochat.scaling import check_plan, format_plan, plan
+    p = plan(load_config(profile, overrides))
+    check_plan(p)  # ConfigError is a ValueError
+    return format_plan(p)
+
+
 class RunsLoaded(Message):
     def __init__(self, rows: list[RunSummary]):
         super().__init__()
@@ -270,7 +279,8 @@ class NewRunScreen(ModalScreen):
     def _update_preview(self, *_):
         prev = self.query_one("#preview", Static)
         try:
-            text = preview_config(self.query_one("#profile", Select).value, self.overrides())
+            profile, overrides = self.query_one("#profile", Select).value, self.overrides()
+            text = preview_config(profile, overrides) + "\n\n" + plan_preview(profile, overrides)
             prev.update(Text(text))  # plain text: "[base_train] ..." is not markup
             prev.set_class(False, "error")
             self._ok = True
