@@ -38,7 +38,8 @@ def one_of(*choices) -> Rule:
 
 
 COUNT, AUTO = between(1), between(1, auto=True)     # a positive count; one that -1 derives
-CADENCE = between(0, auto=True)                     # steps between events: -1 derived, 0 only at the end
+CADENCE = between(0, auto=True)                     # base_train's steps between events: -1 derived, 0 only at the end
+# the chat stages' steps between events: -1 = only at the end (the stage knows its horizon, derive does not)
 FRACTION = between(0.0, 1.0)
 # The rule of each key. The type of a key is its default's in nanochat.toml; a key not listed here
 # takes any value >= 0 if it is a number (floats must be finite) and anything if it is a string.
@@ -60,15 +61,15 @@ KEYS: dict[str, Rule] = {
     "base_train.sample_every": CADENCE, "base_train.save_every": CADENCE,
     "base_eval.max_per_task": AUTO, "base_eval.bpb_tokens": AUTO,
     "mid_train.device_batch_size": between(1, 4096, auto=True), "mid_train.max_seq_len": between(8, 1 << 17, auto=True),
-    "mid_train.total_batch_size": AUTO, "mid_train.num_iterations": AUTO, "mid_train.eval_every": COUNT,
+    "mid_train.total_batch_size": AUTO, "mid_train.num_iterations": AUTO, "mid_train.eval_every": AUTO,
     "mid_train.eval_tokens": AUTO, "mid_train.val_examples": COUNT, "mid_train.save_every": AUTO,
     "chat_sft.device_batch_size": between(1, 4096), "chat_sft.examples_per_step": COUNT,
-    "chat_sft.num_epochs": COUNT, "chat_sft.num_iterations": AUTO, "chat_sft.eval_every": COUNT,
+    "chat_sft.num_epochs": COUNT, "chat_sft.num_iterations": AUTO, "chat_sft.eval_every": AUTO,
     "chat_sft.save_every": AUTO,
     "chat_rl.device_batch_size": between(1, 4096), "chat_rl.examples_per_step": COUNT,
     "chat_rl.num_samples": between(1, 1024), "chat_rl.temperature": between(0.0, 10.0),
     "chat_rl.max_new_tokens": COUNT, "chat_rl.num_epochs": COUNT, "chat_rl.num_iterations": AUTO,
-    "chat_rl.eval_every": COUNT, "chat_rl.eval_samples": COUNT, "chat_rl.save_every": AUTO,
+    "chat_rl.eval_every": AUTO, "chat_rl.eval_samples": COUNT, "chat_rl.save_every": AUTO,
     "chat_eval.temperature": between(0.0, 10.0), "chat_eval.num_samples": between(1, 1024),
     "chat_eval.max_problems": AUTO, "chat_eval.max_new_tokens": COUNT,
 }

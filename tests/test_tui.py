@@ -112,6 +112,7 @@ async def test_new_run_previews_config_and_launches(tmp_path):
         prev = text_of(scr.query_one("#preview"))
         assert "depth=6" in prev and "nproc_per_node=2" in prev
         assert "[base_train] depth=6" in prev and "[run] " in prev  # section names are text, not markup
+        assert "plan: profile demo" in prev and "model      d6: width 384" in prev  # `nanochat plan`'s text
         await pilot.press("ctrl+l")
         await until(pilot, lambda: screen_name(app) == "DashboardScreen", what="dashboard of the new run")
         calls = app.supervisor.calls
