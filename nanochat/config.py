@@ -25,7 +25,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "tokenizer.vocab_size": (256 + 9, 1 << 20), "tokenizer.max_chars": (1, 10**13), "tokenizer.doc_cap": (1, 10**9),
     "base_train.depth": (1, 64), "base_train.aspect_ratio": (8, 512), "base_train.head_dim": (8, 512),
     "base_train.max_seq_len": (8, 1 << 17), "base_train.device_batch_size": (1, 4096),
-    "base_train.target_param_data_ratio": (0.01, 10_000), "base_train.warmup_ratio": (0.0, 1.0),
+    "base_train.target_param_data_ratio": (0.01, 10_000), "base_train.warmup_steps": (0, 10**9),
     "base_train.warmdown_ratio": (0.0, 1.0), "base_train.final_lr_frac": (0.0, 1.0),
     "base_train.weight_decay": (0.0, 10.0),
     "mid_train.device_batch_size": (1, 4096), "mid_train.max_seq_len": (8, 1 << 17),
