@@ -55,7 +55,7 @@ KEYS: dict[str, Rule] = {
     "base_train.head_dim": between(8, 512), "base_train.max_seq_len": between(8, 1 << 17, auto=True),
     "base_train.device_batch_size": between(1, 4096), "base_train.total_batch_size": AUTO,
     "base_train.target_param_data_ratio": between(0.01, 10_000), "base_train.num_iterations": AUTO,
-    "base_train.warmup_ratio": FRACTION, "base_train.warmdown_ratio": FRACTION,
+    "base_train.warmup_steps": between(0, 10**9), "base_train.warmdown_ratio": FRACTION,
     "base_train.final_lr_frac": FRACTION, "base_train.weight_decay": between(0.0, 10.0),
     "base_train.eval_every": CADENCE, "base_train.eval_tokens": AUTO,
     "base_train.sample_every": CADENCE, "base_train.save_every": CADENCE,

@@ -24,7 +24,7 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, VE_GATE_CHANNELS, KVCache, norm
+from nanochat.gpt import GPT, QK_SCALE, VE_GATE_CHANNELS, VE_GATE_SCALE, KVCache, norm
 from nanochat.sandbox import calculator
 
 SPECIALS = ("<|bos|>", "<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>",
@@ -183,9 +183,9 @@ class Engine:
             k = attn.c_k(h).view(B, attn.n_kv_head, attn.head_dim)
             v = attn.c_v(h).view(B, attn.n_kv_head, attn.head_dim)
             if attn.ve_gate is not None:
-                gate = torch.sigmoid(attn.ve_gate(h[..., :VE_GATE_CHANNELS])).mul_(2).view(B, attn.n_kv_head, 1)
+                gate = torch.sigmoid(attn.ve_gate(h[..., :VE_GATE_CHANNELS])).mul_(VE_GATE_SCALE).view(B, attn.n_kv_head, 1)
                 v = torch.addcmul(v, gate, m.value_embeds[str(i)](ids).view_as(v))
-            q, k = norm(q), norm(k)
+            q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
             q = torch.addcmul(q * C, q.roll(half, -1), S)
             k = torch.addcmul(k * C, k.roll(half, -1), S)
             cache.k[i, :, :, pos].copy_(k)

@@ -20,12 +20,14 @@ from nanochat.config import ConfigError, check_data_dir
 from nanochat.gpt import build_model
 from nanochat.scaling import model_config as derived_model_config
 from nanochat.stage import StageContext, stage_main
-from nanochat.training import SAMPLE_PROMPTS, gather, load_tokenizer, sample_greedy, set_lr
+from nanochat.training import (SAMPLE_PROMPTS, check_train_dtype, gather, load_tokenizer, muon_momentum,
+                               sample_greedy, set_lr, weight_decay_frac)
 
-def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
+
+def lr_multiplier(step: int, num_iterations: int, warmup: int, warmdown_ratio: float,
                   final_lr_frac: float) -> float:
-    """Linear warmup, constant, then linear warmdown to final_lr_frac."""
-    warmup = round(warmup_ratio * num_iterations)
+    """Linear warmup over `warmup` steps, constant, then linear warmdown over the last warmdown_ratio of
+    the run to final_lr_frac."""
     warmdown = round(warmdown_ratio * num_iterations)
     if step < warmup:
         return (step + 1) / warmup
@@ -53,6 +55,7 @@ def main(ctx: StageContext) -> dict:
     T, B = cfg["max_seq_len"], cfg["device_batch_size"]
     model_config = derived_model_config(cfg, tokenizer.get_vocab_size())
     model = build_model(model_config, device)
+    check_train_dtype(model, device)
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.estimate_flops()
 
@@ -92,6 +95,13 @@ def main(ctx: StageContext) -> dict:
         print0(f"resumed from step {start_step}")
         ev.emit("log", message=f"resumed from step {start_step}", step=start_step)
 
+    fp8 = cfg["fp8"]
+    if fp8:  # before compile; the optimizers hold the same Parameter objects either way
+        from nanochat.fp8 import bf16_linears, convert_to_fp8, fp8_unavailable
+        why = fp8_unavailable(device)
+        if why:
+            raise ConfigError(why)
+        print0(f"fp8 training: {convert_to_fp8(model)} linear layers in float8 (tensorwise scaling)")
     train_loader = PackingLoader(tokenizer, train_files, B, T, dist.rank, dist.world_size, device, state=loader_state)
     step_model = model
     if device.type == "cuda" and cfg["compile"]:
@@ -103,7 +113,11 @@ def main(ctx: StageContext) -> dict:
         model.eval()
         loader = PackingLoader(tokenizer, val_files, B, T, dist.rank, dist.world_size, device)
         steps = max(1, cfg["eval_tokens"] // tokens_per_fwdbwd)
-        bpb = evaluate_bpb(model, loader, steps, token_bytes)
+        if fp8:  # evaluate in bf16, like every other run
+            with bf16_linears(model):
+                bpb = evaluate_bpb(model, loader, steps, token_bytes)
+        else:
+            bpb = evaluate_bpb(model, loader, steps, token_bytes)
         model.train()
         return bpb
 
@@ -141,8 +155,9 @@ def main(ctx: StageContext) -> dict:
 
         # one optimizer step: grad_accum forward/backward passes
         t0 = time.time()
-        lrm = lr_multiplier(step, num_iterations, cfg["warmup_ratio"], cfg["warmdown_ratio"], cfg["final_lr_frac"])
-        set_lr(optimizers, lrm, step)
+        lrm = lr_multiplier(step, num_iterations, cfg["warmup_steps"], cfg["warmdown_ratio"], cfg["final_lr_frac"])
+        set_lr(optimizers, lrm, momentum=muon_momentum(step, num_iterations, cfg["warmdown_ratio"]),
+               wd_frac=weight_decay_frac(step, num_iterations))
         loss_sum = torch.zeros((), device=device)
         for _ in range(grad_accum):
             x, y = next(train_loader)
