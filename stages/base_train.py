@@ -15,7 +15,8 @@ import time
 import torch
 
 from nanochat.checkpoint import ckpt_dir, latest_step, load_checkpoint, save_checkpoint
-from nanochat.common import peak_flops, print0
+from nanochat.common import print0
+from nanochat.system import peak_flops
 from nanochat.config import (ConfigError, check_data_dir, derive_num_iterations, derive_total_batch,
                              model_dims)
 from nanochat.gpt import build_model
