@@ -4,7 +4,7 @@
 SpellingBee: "How many r are in strawberry?". Item i of a split draws everything from
 `random.Random(i)` (train) or `random.Random(-(i + 1))` (test), in this order: the word (from the
 word list), the letter (one of the word's letters with probability 0.9, else any of a-z), the question
-template (53, in seven languages; lower-cased with probability 0.3), the quotes around the letter and
+template (51, in seven languages; lower-cased with probability 0.3), the quotes around the letter and
 around the word ('', ' or "), and a trailing "?" (probability 0.5). The answer spells the word out as
 `word:w,o,r,d`, counts letter by letter (`3:r hit! count=1`), double-checks with the calculator
 (`'strawberry'.count('r')`) and ends with `#### 3`. Judged like GSM8K: the first `#### <number>`.
