@@ -148,25 +148,3 @@ def die(msg: str, code: int = 2):
     """One clear line on stderr, then exit: for bad user input, never a traceback."""
     print(f"nanochat: error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(code)
-
-
-# Dense bf16 peak FLOP/s per GPU (no sparsity), by a substring of torch.cuda.get_device_name().
-# First match wins, so more specific names come first.
-PEAK_FLOPS_BF16 = [
-    ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("A10G", 125e12), ("A10", 125e12), ("L40S", 362e12),
-    ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12),
-]
-
-
-def peak_flops(device) -> float | None:
-    """Peak dense bf16 FLOP/s of one accelerator, or None when unknown (CPU, unlisted GPU)."""
-    import torch
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_FLOPS_BF16:
-        if key in name:
-            return flops
-    return None

@@ -142,13 +142,10 @@ def derive(sections: dict) -> dict:
 # ------------------------------------------------------------------------------------------- the plan
 
 def gpu_facts(gpu_type: str) -> tuple[float | None, float | None]:
-    """(dense bf16 peak FLOP/s, typical USD per GPU-hour) by a substring of the GPU's name.
-    Reads nanochat.common.PEAK_FLOPS_BF16 and nanochat.report.gpu_hourly_rate, where they live today."""
-    from nanochat.common import PEAK_FLOPS_BF16
-    from nanochat.report import gpu_hourly_rate
-    up = gpu_type.upper()
-    peak = next((f for key, f in PEAK_FLOPS_BF16 if key.upper() in up), None)
-    return peak, gpu_hourly_rate(gpu_type)
+    """(dense bf16 peak FLOP/s, typical USD per GPU-hour) of a GPU name, from nanochat/system.py's table."""
+    from nanochat.system import gpu_spec
+    spec = gpu_spec(gpu_type)
+    return (spec[1], spec[2]) if spec else (None, None)
 
 
 def tokens_per_shard(source: str) -> float | None:

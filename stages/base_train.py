@@ -15,11 +15,12 @@ import time
 import torch
 
 from nanochat.checkpoint import ckpt_dir, latest_step, load_checkpoint, save_checkpoint
-from nanochat.common import peak_flops, print0
+from nanochat.common import print0
 from nanochat.config import ConfigError, check_data_dir
 from nanochat.gpt import build_model
 from nanochat.scaling import model_config as derived_model_config
 from nanochat.stage import StageContext, stage_main
+from nanochat.system import peak_flops
 from nanochat.training import (SAMPLE_PROMPTS, check_train_dtype, gather, load_tokenizer, muon_momentum,
                                sample_greedy, set_lr, weight_decay_frac)
 

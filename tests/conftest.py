@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("NANOCHAT_SHARED_DATA") or REPO.parent / "shared" / "data")  # a worktree elsewhere sets it
 
 # Stages started by tests must not pick up a user's cache or runs.
 TINY_MODEL = ["base_train.depth=1", "base_train.aspect_ratio=64", "base_train.head_dim=64",
