@@ -166,7 +166,7 @@ def test_stop_leaves_no_process_and_resume_continues_from_checkpoint(runs):
     assert st["stages"][1]["status"] == "pending" and st["driver"] is None
     for pid in (a_pid, helper, driver):
         assert gone(pid), f"process {pid} of the run is still alive"
-    assert not sv.group_members(a) and not sv.is_live(d)
+    assert not sv.stage_procs(a) and not sv.is_live(d)
     evs, _ = read_events(d / "a" / "events.jsonl")
     ck = [e for e in evs if e["kind"] == "checkpoint"][-1]
     assert evs[-1]["kind"] == "end" and evs[-1]["status"] == "stopped"
@@ -234,7 +234,7 @@ def test_stale_pid_of_unrelated_process_is_not_live(runs):
                                    create_time=psutil.Process(other.pid).create_time() - 1000.0)
             st["driver"] = {"pid": other.pid, "create_time": 12345.0}
         a = stage(d, "a")
-        assert not sv.proc_alive(a["pid"], a["create_time"]) and not sv.group_members(a)
+        assert not sv.proc_alive(a["pid"], a["create_time"]) and not sv.stage_procs(a)
         assert not sv.is_live(d)
         sv.stop_run(d, timeout=0.5)  # must not signal it
         assert other.poll() is None and stage(d, "a")["status"] == "stopped"
@@ -334,7 +334,7 @@ def test_torchrun_stage_worker_killed_then_stopped(runs, tmp_path):
     sv.stop_run(d, timeout=10)
     a = stage(d, "a")
     assert a["status"] == "stopped", a
-    assert all(gone(pid) for pid in [a["pid"], *workers]) and not sv.group_members(a)
+    assert all(gone(pid) for pid in [a["pid"], *workers]) and not sv.stage_procs(a)
 
 
 @pytest.mark.slow
