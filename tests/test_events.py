@@ -7,11 +7,12 @@ from nanochat.events import EventReader, EventWriter, as_float, read_events, sta
 
 
 def test_writer_schema_and_reader(tmp_path):
-    with EventWriter(tmp_path, "base_train") as ev:
-        ev.start(argv=["x"])
-        ev.step(step=1, total_steps=10, loss=3.5, lrm=1.0, dt=0.1, tok_per_sec=100.0, mfu=None, tokens=10, eta_s=0.9)
-        ev.eval(task="val", metric="bpb", value=1.25, step=1)
-        ev.end(status="ok", num_params=123)
+    ev = EventWriter(tmp_path, "base_train")
+    ev.start(argv=["x"])
+    ev.step(step=1, total_steps=10, loss=3.5, lrm=1.0, dt=0.1, tok_per_sec=100.0, mfu=None, tokens=10, eta_s=0.9)
+    ev.eval(task="val", metric="bpb", value=1.25, step=1)
+    ev.end(status="ok", num_params=123)
+    ev.close()
     events, bad = read_events(tmp_path / "base_train" / "events.jsonl")
     assert bad == 0
     assert [e["kind"] for e in events] == ["start", "step", "eval", "end"]
@@ -32,10 +33,6 @@ def test_non_master_rank_writes_nothing(tmp_path):
     ev = EventWriter(tmp_path, "s", rank=1)
     assert ev.emit("log", message="hi") is None
     assert not (tmp_path / "s").exists()
-    ev = EventWriter(tmp_path, "s", rank=1, per_rank=True)
-    ev.emit("log", message="hi")
-    ev.close()
-    assert (tmp_path / "s" / "events.rank1.jsonl").exists()
 
 
 def test_unknown_kind_is_refused(tmp_path):
@@ -59,17 +56,20 @@ def test_reader_tolerates_torn_line_and_counts_malformed(tmp_path):
 
 def test_reader_restarts_on_truncation(tmp_path):
     path = tmp_path / "events.jsonl"
-    path.write_text(json.dumps({"kind": "a"}) + "\n" + json.dumps({"kind": "b"}) + "\n")
+    path.write_text(json.dumps({"kind": "start"}) + "\n" + json.dumps({"kind": "log"}) + "\n")
     r = EventReader(path)
     assert len(r.poll()) == 2
-    path.write_text(json.dumps({"kind": "c"}) + "\n")
-    assert [e["kind"] for e in r.poll()] == ["c"]
+    path.write_text(json.dumps({"kind": "end"}) + "\n")
+    assert [e["kind"] for e in r.poll()] == ["end"]
 
 
 def test_error_event_carries_traceback(tmp_path):
-    with pytest.raises(ZeroDivisionError):
-        with EventWriter(tmp_path, "s"):
-            1 / 0
+    ev = EventWriter(tmp_path, "s")
+    try:
+        1 / 0
+    except ZeroDivisionError as e:
+        ev.error(e)
+    ev.close()
     (e,), _ = read_events(tmp_path / "s" / "events.jsonl")
     assert e["kind"] == "error" and e["exc_type"] == "ZeroDivisionError"
     assert "1 / 0" in e["traceback"] and e["message"] == "division by zero"
