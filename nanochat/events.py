@@ -200,7 +200,7 @@ class EventReader:
         except FileNotFoundError:
             return []
         if self._ino is not None and (st.st_ino != self._ino or st.st_size < self.offset):
-            self.offset = 0  # file replaced or truncated: start over
+            self.offset, self._skipping = 0, False  # file replaced or truncated: start over
         elif st.st_size == self._size:
             return []        # nothing new (a long torn tail is not read again and again)
         self._ino, self._size = st.st_ino, st.st_size
@@ -210,17 +210,15 @@ class EventReader:
             f.seek(self.offset)
             chunk = f.read(max_bytes) if max_bytes else f.read()
         end = chunk.rfind(b"\n")
-        if end < 0:
-            if len(chunk) > MAX_LINE_BYTES and not max_bytes:
-                self.offset += len(chunk)  # a line that will never be an event: skip what we have of it
-                self.malformed += 1
-                self._skipping = True
-            return []
-        self.offset += end + 1
         lines = chunk[: end + 1].split(b"\n")[:-1]
-        if self._skipping:
-            self._skipping = False
-            lines = lines[1:]  # the rest of the over-long line skipped above
+        if self._skipping and end >= 0:
+            lines, self._skipping = lines[1:], False  # the end of the over-long line we gave up on
+        consumed = end + 1
+        if self._skipping or (len(chunk) - consumed > MAX_LINE_BYTES and not max_bytes):
+            # a torn line already too long to be an event: give it up now rather than rereading it
+            self.malformed += not self._skipping
+            consumed, self._skipping = len(chunk), True
+        self.offset += consumed
         out = []
         for line in lines:
             ev = parse_line(line)
