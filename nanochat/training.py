@@ -84,8 +84,8 @@ def start_model(ctx, phase: str, sources: tuple[str, ...], lr_frac: float):
     if src is None:
         raise ConfigError(f"no {' or '.join(sources)} checkpoint in {ckpt_dir(ctx.run_dir, sources[0]).parent}; "
                           f"train it first: python -m stages.{PHASE_STAGE[sources[0]]} --run-dir {ctx.run_dir}")
-    model_state, optim_state, meta = load_checkpoint(ckpt_dir(ctx.run_dir, src), device=dist.device,
-                                                     rank=dist.rank, load_optim=resumed)
+    model_state, optim_state, meta = load_checkpoint(ckpt_dir(ctx.run_dir, src), device=dist.device, rank=dist.rank,
+                                                     load_optim=resumed, world_size=dist.world_size)
     model = build_model(meta["model_config"], dist.device)
     check_train_dtype(model, dist.device)
     model.load_state_dict(model_state)

@@ -10,7 +10,8 @@ import pytest
 from fake_run import T0, FakeNvml, FakeRun, demo_run, loss_at
 from tui.alerts import AlertBook
 from tui.logfile import STRIDE, LogFile, compile_query
-from tui.runmodel import RunModel, RunReader, load_run, normalize_state, quick_summary, run_cost, run_gpu_name
+from tui.runmodel import (RunModel, RunReader, load_run, quick_summary, read_state, run_cost, run_gpu_name,
+                          state_view)
 from tui.services import GpuSample, NvmlProvider, TuiConfigError, load_tui_config
 
 
@@ -85,7 +86,7 @@ def test_nan_and_spike_become_alerts_once(tmp_path):
 
 def test_state_from_supervisor_format_and_failure_alert(tmp_path):
     r = demo_run(tmp_path, fail=True)
-    st = normalize_state(json.loads((r.dir / "state.json").read_text()))
+    st = read_state(r.dir)
     assert st["status"] == "failed"
     bt = next(s for s in st["stages"] if s.name == "base_train")
     assert bt.status == "failed" and bt.exit_code == 1 and "OutOfMemoryError" in bt.error
@@ -98,7 +99,7 @@ def test_state_from_supervisor_format_and_failure_alert(tmp_path):
 
 def test_stall_idle_gpu_and_throttle_rules(tmp_path):
     r = demo_run(tmp_path)
-    st, m = normalize_state(json.loads((r.dir / "state.json").read_text())), load_run(r.dir)
+    st, m = read_state(r.dir), load_run(r.dir)
     book = AlertBook(stall_s=120, gpu_idle_s=30)
     idle = [GpuSample(0, "H100", 0.0, 1, 2, 40, 100, 700, 1000, 2000)]
     assert book.check(st, m, idle, r.t + 10) == []  # starts the idle clock
@@ -110,22 +111,22 @@ def test_stall_idle_gpu_and_throttle_rules(tmp_path):
 
 def test_cost_counts_wall_time_times_gpus_times_rate(tmp_path):
     r = demo_run(tmp_path, steps=100)
-    st = normalize_state(json.loads((r.dir / "state.json").read_text()))
+    st = read_state(r.dir)
     wall, cost = run_cost(st, {"run": {"nproc_per_node": 8}}, load_run(r.dir), now=T0 + 3600, rate_per_gpu_hour=2.0)
     assert wall == pytest.approx(3600) and cost == pytest.approx(16.0)
     s = quick_summary(r.dir, st, T0 + 3600, fallback_rate=9.0)  # config.toml says gpu_hourly_usd = 2.5
     assert s.status == "running" and s.stage == "base_train" and s.cost == pytest.approx(20.0)
     assert s.progress == "3/8 stages, 10%"
     # a CPU run costs nothing (as in report.md), whatever the fallback price
-    cpu = normalize_state({**st["raw"], "system": {"gpus": []}})
+    cpu = state_view({**st["raw"], "system": {"gpus": []}})
     assert run_cost(cpu, {"run": {"nproc_per_node": 8}}, load_run(r.dir), T0 + 3600, 2.0)[1] == 0.0
     assert run_cost(st, {"run": {"device": "cpu"}}, load_run(r.dir), T0 + 3600, 2.0)[1] == 0.0
     # the price of the run's own GPUs (state.json's snapshot), not of the machine the TUI runs on
-    h100 = normalize_state({**st["raw"], "system": {"gpus": [{"name": "NVIDIA H100 80GB HBM3"}]}})
+    h100 = state_view({**st["raw"], "system": {"gpus": [{"name": "NVIDIA H100 80GB HBM3"}]}})
     assert run_gpu_name(h100, {}, "NVIDIA A10G") == "NVIDIA H100 80GB HBM3"
     assert run_gpu_name(st, {}, "NVIDIA A10G") == "NVIDIA A10G"  # the run recorded none
     # wall time is the stages' process lifetime from state.json: start-up before the first event counts
-    late = normalize_state(json.loads((r.dir / "state.json").read_text()))
+    late = read_state(r.dir)
     late["stages"][0].started -= 20
     assert run_cost(late, {}, load_run(r.dir), T0 + 3600, 2.0)[0] == pytest.approx(3620)
 

@@ -3,6 +3,7 @@ samples, alerts. Rebuilt from the run directory every time it opens (events are 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 from rich.text import Text
@@ -116,7 +117,11 @@ class DashboardScreen(Screen):
         sup = self.app.supervisor
         state_mtime = None
         period = self.app.cfg["events_poll_s"]
+        reattached_at = 0.0
         while not self._stop.is_set():
+            if time.monotonic() - reattached_at > 2.0:  # a driver killed mid-stage is replaced, as `nanochat status` does
+                reattached_at = time.monotonic()
+                sup.reattach(self.run_dir)
             events = reader.poll()
             state = None
             try:
@@ -133,7 +138,7 @@ class DashboardScreen(Screen):
     def on_events_batch(self, msg: EventsBatch):
         if msg.state is not None:
             self.state = msg.state
-        anomalies = self.model.ingest(msg.events)
+        anomalies = self.model.ingest(msg.events, checked=True)  # from RunReader
         self.app.raise_alerts(self.alerts.on_anomalies(anomalies))
         if any(e.get("kind") == "eval" for e in msg.events):
             self._fill_evals()

@@ -90,6 +90,7 @@ class RunsScreen(Screen):
         rows = []
         for rd in sup.list_runs():
             try:
+                sup.reattach(rd)  # a run whose driver died mid-stage gets a new one, as `nanochat status` does
                 rows.append(quick_summary(rd, sup.read_state(rd), now, app.cfg["gpu_hourly_usd"], gpu))
             except (OSError, ValueError):
                 continue  # deleted while we read it (here or from another terminal): it is gone, skip it
