@@ -423,9 +423,9 @@ def _boot_cfg(work: str, main: str, memory_mb: int, max_file_mb: int, cpu_s: int
                        "procs": int(procs), "unshare_net": unshare_net})
 
 
-def _run_bwrap(b: _Bwrap, code: str, timeout: float, memory_mb: int, max_output_bytes: int, max_file_mb: int,
-               work_mb: int, cpu_seconds: int, max_procs: int) -> SandboxResult:
-    t0 = time.monotonic()
+def _spawn_bwrap(b: _Bwrap, code: str, memory_mb: int, max_file_mb: int, work_mb: int, cpu_seconds: int,
+                 max_procs: int, stdin) -> subprocess.Popen:
+    """Start `code` behind the boundary; raises OSError if bwrap cannot even be started."""
     src = os.memfd_create("main.py")  # bwrap copies it into a read-only /sandbox/main.py
     try:
         os.write(src, code.encode("utf-8", errors="surrogatepass"))
@@ -437,14 +437,20 @@ def _run_bwrap(b: _Bwrap, code: str, timeout: float, memory_mb: int, max_output_
         argv += ["--", b.python, "-I", "-c", _BOOT,
                  _boot_cfg("/tmp", "/sandbox/main.py", memory_mb, max_file_mb, cpu_seconds, max_procs, False)]
         drop = dict(user=NOBODY, group=NOBODY, extra_groups=[]) if b.drop else {}
-        try:
-            proc = subprocess.Popen(argv, cwd="/", env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                    close_fds=True, pass_fds=(src,), **drop)
-        except OSError as e:
-            return SandboxResult("error", "", f"sandbox could not start: {e}", None, time.monotonic() - t0)
+        return subprocess.Popen(argv, cwd="/", env={"PATH": "/usr/bin:/bin"}, stdin=stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True, close_fds=True, pass_fds=(src,),
+                                **drop)
     finally:
         os.close(src)
+
+
+def _run_bwrap(b: _Bwrap, code: str, timeout: float, memory_mb: int, max_output_bytes: int, max_file_mb: int,
+               work_mb: int, cpu_seconds: int, max_procs: int) -> SandboxResult:
+    t0 = time.monotonic()
+    try:
+        proc = _spawn_bwrap(b, code, memory_mb, max_file_mb, work_mb, cpu_seconds, max_procs, subprocess.DEVNULL)
+    except OSError as e:
+        return SandboxResult("error", "", f"sandbox could not start: {e}", None, time.monotonic() - t0)
     out, err, timed_out, truncated = _finish(proc, t0, timeout, max_output_bytes)
     return _result(proc.returncode, out, err, timed_out, truncated, t0, timeout, cpu_seconds, True, "full")
 
@@ -501,16 +507,93 @@ def run_code(code: str, timeout: float = 5.0, memory_mb: int = 512, max_output_b
 _CALC_BUILTINS = ["abs", "min", "max", "round", "sum", "len", "pow", "divmod", "int", "float", "str",
                   "bool", "sorted", "reversed", "range", "list", "tuple", "set", "dict", "enumerate",
                   "zip", "all", "any", "chr", "ord", "hex", "bin", "True", "False", "None"]
-_CALC_PROGRAM = """import builtins, math
+CALC_MAX_CHARS = 4096
+# One program evaluates one expression (reduced isolation) or, as the worker, one per stdin line.
+_CALC_PROGRAM = """import builtins, json, math, sys, traceback
 safe = {{k: getattr(builtins, k) for k in {names!r}}}
-print(repr(eval({expr!r}, {{"__builtins__": safe, "math": math}}, {{}})))
+def calc(expr):
+    try:
+        return repr(eval(expr, {{"__builtins__": safe, "math": math}}, {{}}))[:{cap} + 1], "ok"
+    except MemoryError:
+        return "MemoryError: the calculator memory limit was reached", "memory"
+    except Exception as e:
+        return traceback.format_exception_only(type(e), e)[-1].strip(), "error"
+if {worker!r}:
+    for line in sys.stdin:
+        sys.stdout.write(json.dumps(calc(json.loads(line))) + "\\n")
+        sys.stdout.flush()
+else:
+    out, status = calc({expr!r})
+    print(out) if status == "ok" else sys.exit(out)
 """
+
+
+class _CalcWorker:
+    """One sandboxed interpreter that evaluates many calculator expressions, one JSON line each, inside
+    the same boundary as run_code (a fresh eval namespace per expression; nothing can be assigned).
+    A timeout, a memory error or a crash kills it (its whole PID namespace); the next call starts a new one.
+    Starting a sandbox costs tens of milliseconds; an expression in a warm worker well under one."""
+
+    def __init__(self):
+        self.proc, self.pid_owner = None, None
+
+    def kill(self):
+        if self.proc is not None:
+            for kill in (os.kill, os.killpg):
+                try:
+                    kill(self.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            self.proc.wait()
+            self.proc.stdin.close()
+            self.proc.stdout.close()
+            self.proc = None
+
+    def _start(self, b: _Bwrap):
+        program = _CALC_PROGRAM.format(names=_CALC_BUILTINS, cap=CALC_MAX_CHARS, worker=True, expr="")
+        self.proc = _spawn_bwrap(b, program, memory_mb=256, max_file_mb=1, work_mb=1, cpu_seconds=1 << 30,
+                                 max_procs=1, stdin=subprocess.PIPE)
+        self.proc.stderr.close()  # nothing it says there is used; a full pipe must not block it
+        self.pid_owner = os.getpid()
+        os.set_blocking(self.proc.stdout.fileno(), False)
+
+    def __call__(self, b: _Bwrap, expr: str, timeout: float) -> tuple[str, str]:
+        if self.proc is None or self.pid_owner != os.getpid() or self.proc.poll() is not None:
+            self.proc = None if self.pid_owner != os.getpid() else self.proc  # a forked copy: not ours to kill
+            self.kill()
+            self._start(b)
+        deadline = time.monotonic() + timeout
+        try:
+            self.proc.stdin.write((json.dumps(expr) + "\n").encode())
+            self.proc.stdin.flush()
+            buf = bytearray()
+            with selectors.DefaultSelector() as sel:
+                sel.register(self.proc.stdout, selectors.EVENT_READ)
+                while not buf.endswith(b"\n"):
+                    if not sel.select(max(0.0, deadline - time.monotonic())):
+                        self.kill()
+                        return f"calculator timed out ({timeout:g} s)", "timeout"
+                    chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
+                    if not chunk:
+                        raise BrokenPipeError
+                    buf += chunk
+            out, status = json.loads(buf)
+        except (OSError, ValueError):  # it died (memory, a crash): say so, start afresh next time
+            self.kill()
+            return "calculator failed (its sandbox exited)", "error"
+        if status == "memory":
+            self.kill()
+        return out, status
+
+
+_calc_worker = _CalcWorker()
+atexit.register(_calc_worker.kill)
 
 
 def calculator(expr: str, timeout: float = 3.0) -> tuple[str, str]:
     """Evaluate one Python expression (arithmetic, `math.*`, simple str/list methods like `.count`).
 
-    Returns (output, status): the value's repr and "ok", or a one-line error and the sandbox status
+    Returns (output, status): the value's repr and "ok", or a one-line error and its status
     ("refused" when no sandbox can be had; `isolation()` says which one ran).
     Dunder attributes are refused (they are the usual way out of a restricted eval).
     """
@@ -524,12 +607,15 @@ def calculator(expr: str, timeout: float = 3.0) -> tuple[str, str]:
         if name.startswith("__"):
             return f"NameError: {name} is not allowed in the calculator", "error"
     try:
-        r = run_code(_CALC_PROGRAM.format(names=_CALC_BUILTINS, expr=expr), timeout=timeout, memory_mb=256,
-                     max_output_bytes=4096, work_mb=1)
+        level = _require_isolation()
     except SandboxUnavailable as e:
         return str(e), "refused"
-    if r.status == "ok":
-        out = r.stdout.strip()
-        return (out + "…" if r.truncated else out), "ok"
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    return (lines[-1].strip() if lines else f"calculator failed ({r.status})"), r.status
+    if level == "full":
+        out, status = _calc_worker(_probe(), expr, timeout)
+    else:
+        r = run_code(_CALC_PROGRAM.format(names=_CALC_BUILTINS, cap=CALC_MAX_CHARS, worker=False, expr=expr),
+                     timeout=timeout, memory_mb=256, max_output_bytes=CALC_MAX_CHARS + 64, work_mb=1)
+        lines = [ln for ln in (r.stdout if r.ok else r.stderr).strip().splitlines() if ln.strip()]
+        out = lines[-1].strip() if lines else f"calculator failed ({r.status})"
+        status = r.status if r.status != "error" or lines else "error"
+    return (out[:CALC_MAX_CHARS] + "…" if len(out) > CALC_MAX_CHARS else out), status

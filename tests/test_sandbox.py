@@ -229,3 +229,17 @@ def test_missing_bubblewrap_is_named(monkeypatch):
 def test_reduced_isolation_key_defaults_to_off():
     from nanochat.config import load_config
     assert load_config().get("sandbox.allow_reduced_isolation") is False
+
+
+def test_calculator_worker_is_replaced_after_a_timeout_and_leaves_nothing():
+    if sandbox.isolation() != "full":
+        pytest.skip(f"bubblewrap cannot run here: {sandbox._probe()}")
+    assert calculator("1 + 1") == ("2", "ok")
+    first = sandbox._calc_worker.proc.pid
+    assert calculator("2 * 21") == ("42", "ok") and sandbox._calc_worker.proc.pid == first  # one worker, reused
+    assert calculator("9 ** 9 ** 9", timeout=0.5)[1] == "timeout"
+    assert sandbox._calc_worker.proc is None and not psutil.pid_exists(first)
+    assert calculator("'x' * 10 ** 10")[1] == "memory"
+    assert calculator("len('abc')") == ("3", "ok") and sandbox._calc_worker.proc.pid != first
+    sandbox._calc_worker.kill()
+    assert not no_leftover_children()
