@@ -125,7 +125,8 @@ def respond(engine, conversation, settings, out, side, color: bool) -> dict:
             side.write("\n" + paint("python", f"[python] {ev['code']}") + "\n")
         elif kind == "tool_result":
             reply.add("python_output", ev["output"])
-            side.write(paint("output" if ev["status"] == "ok" else "error", f"[output] {ev['output']}") + "\n")
+            tag = "[output, reduced isolation]" if ev.get("isolation") == "reduced" else "[output]"
+            side.write(paint("output" if ev["status"] == "ok" else "error", f"{tag} {ev['output']}") + "\n")
         elif kind == "notice":
             side.write(paint("notice", f"[notice] {ev['text']}") + "\n")
         elif kind == "done":
