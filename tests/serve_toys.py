@@ -64,3 +64,53 @@ def save_run(run_dir: Path, model: GPT, tokenizer_dir: Path, phase: str = "sft",
     (run_dir / "config.toml").write_text('[meta]\nprofile = "test"\n')
     return run_dir
 
+
+
+def start_server(run_dir: Path, *args: str, base_dir: Path | None = None, timeout: float = 120):
+    """`nanochat serve --run RUN_DIR --port 0 ...` in a subprocess -> (process, url) once it listens."""
+    import os
+    import subprocess
+    import sys
+    import time
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if base_dir is not None:
+        env["NANOCHAT_BASE_DIR"] = str(base_dir)
+    import tempfile
+    log = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log", delete=False)  # a pipe could fill up
+    proc = subprocess.Popen([sys.executable, "-m", "nanochat.cli", "serve", "--run", str(run_dir), "--port", "0",
+                             "--device", "cpu", *args], env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    proc.log_path = log.name
+    deadline = time.time() + timeout
+    for line in proc.stdout:  # "  chat page  http://127.0.0.1:PORT/"
+        if "chat page" in line:
+            url = line.split()[-1].rstrip("/")
+            break
+        if time.time() > deadline:
+            break
+    else:
+        proc.kill()
+        raise AssertionError(f"the server did not start:\n{Path(log.name).read_text()[-3000:]}")
+    import urllib.request
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"the server at {url} never answered /health:\n{Path(log.name).read_text()[-3000:]}")
+
+
+def stop_server(proc, timeout: float = 30) -> str:
+    """SIGTERM, wait; -> its stderr (the request log)."""
+    import subprocess
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.stdout.close()
+    return Path(proc.log_path).read_text()
