@@ -4,7 +4,7 @@
     nanochat plan [--profile P] [--set section.key=value]... [--json]
     nanochat status [RUN]            nanochat stop RUN          nanochat resume RUN [--wait]
     nanochat retry RUN STAGE         nanochat skip RUN STAGE    nanochat logs RUN [STAGE] [--follow]
-    nanochat report RUN              nanochat chat ...
+    nanochat report RUN              nanochat chat ...                nanochat serve ...
 
 RUN is a run id (or a unique prefix of one, or a path, or `latest`). Runs live in <base>/runs.
 """
@@ -334,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_report)
 
     sub.add_parser("chat", help="talk to a trained model (nanochat chat --help)", add_help=False)
+    sub.add_parser("serve", help="web chat + OpenAI-compatible API (nanochat serve --help)", add_help=False)
     return p
 
 
@@ -342,6 +343,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "chat":  # its own parser, in its own module; imported only when used
         from nanochat.chat_cli import main as chat_main
         return chat_main(argv[1:]) or 0
+    if argv and argv[0] == "serve":
+        from nanochat.serve import main as serve_main
+        return serve_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     from nanochat.config import ConfigError
     try:
