@@ -134,8 +134,18 @@ def _descendants(procs, root):
 
 
 def _files():
-    return {d: set(os.listdir(d)) for d in ("/", "/dev/shm", "/var/tmp", "/root")} | {
-        "/tmp": {n for n in os.listdir("/tmp") if n.startswith("nanochat-sandbox")}}
+    """What is in / and /root, and what the sandbox uids own in the shared temp dirs (other users of this
+    machine write there too)."""
+    def theirs(d):
+        out = set()
+        for n in os.listdir(d):
+            try:
+                if os.lstat(os.path.join(d, n)).st_uid in (sandbox.NOBODY, UNPRIVILEGED):
+                    out.add(n)
+            except FileNotFoundError:
+                pass
+        return out
+    return {"/": set(os.listdir("/")), "/root": set(os.listdir("/root"))} | {d: theirs(d) for d in ("/tmp", "/var/tmp", "/dev/shm")}
 
 
 @pytest.fixture(scope="module", autouse=True)
