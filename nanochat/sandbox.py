@@ -40,6 +40,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -539,6 +540,7 @@ class _CalcWorker:
 
     def __init__(self):
         self.proc, self.pid_owner = None, None
+        self.lock = threading.Lock()  # one expression at a time (the engine may be driven from threads)
 
     def kill(self):
         if self.proc is not None:
@@ -561,6 +563,10 @@ class _CalcWorker:
         os.set_blocking(self.proc.stdout.fileno(), False)
 
     def __call__(self, b: _Bwrap, expr: str, timeout: float) -> tuple[str, str]:
+        with self.lock:
+            return self._eval(b, expr, timeout)
+
+    def _eval(self, b: _Bwrap, expr: str, timeout: float) -> tuple[str, str]:
         if self.proc is None or self.pid_owner != os.getpid() or self.proc.poll() is not None:
             self.proc = None if self.pid_owner != os.getpid() else self.proc  # a forked copy: not ours to kill
             self.kill()
