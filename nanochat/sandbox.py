@@ -391,17 +391,21 @@ def _finish(proc: subprocess.Popen, t0: float, timeout: float, cap: int):
             except subprocess.TimeoutExpired:
                 timed_out = True  # closed its pipes but kept running
     finally:
-        # bwrap: its PID-1 child dies with it (--die-with-parent) and takes the whole PID namespace
-        # along; the reduced path has only the process group (start_new_session made pid the group id).
-        for kill in (os.kill, os.killpg):
-            try:
-                kill(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        proc.wait()
-        proc.stdout.close()
+        _kill(proc)  # always: nothing it started may outlive the call
         proc.stderr.close()
     return out, err, timed_out, truncated
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """bwrap: its PID-1 child dies with it (--die-with-parent) and takes the whole PID namespace along.
+    The reduced path has only the process group (start_new_session made pid the group id)."""
+    for kill in (os.kill, os.killpg):
+        try:
+            kill(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait()
+    proc.stdout.close()
 
 
 def _result(rc, out: bytes, err: bytes, timed_out: bool, truncated: bool, t0: float, timeout: float, cpu_s: int,
@@ -456,7 +460,9 @@ def _run_bwrap(b: _Bwrap, code: str, timeout: float, memory_mb: int, max_output_
     except OSError as e:
         return SandboxResult("error", "", f"sandbox could not start: {e}", None, time.monotonic() - t0)
     out, err, timed_out, truncated = _finish(proc, t0, timeout, max_output_bytes)
-    return _result(proc.returncode, out, err, timed_out, truncated, t0, timeout, cpu_seconds, True, "full")
+    rc = proc.returncode
+    rc = 128 - rc if rc > 128 else rc  # bwrap exits 128+N when the code died of signal N: report it as -N
+    return _result(rc, out, err, timed_out, truncated, t0, timeout, cpu_seconds, True, "full")
 
 
 def _run_reduced(code: str, timeout: float, memory_mb: int, max_output_bytes: int, max_file_mb: int,
@@ -544,14 +550,8 @@ class _CalcWorker:
 
     def kill(self):
         if self.proc is not None:
-            for kill in (os.kill, os.killpg):
-                try:
-                    kill(self.proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            self.proc.wait()
+            _kill(self.proc)
             self.proc.stdin.close()
-            self.proc.stdout.close()
             self.proc = None
 
     def _start(self, b: _Bwrap):

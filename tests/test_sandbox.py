@@ -1,5 +1,6 @@
 """The sandbox contains what untrusted code tries, reports it, and leaves the test process unharmed."""
 import os
+import signal
 import socket
 import threading
 import time
@@ -35,6 +36,11 @@ def test_infinite_loop_times_out():
     assert r.status == "timeout"
     assert time.monotonic() - t0 < 5
     assert not no_leftover_children()
+
+
+def test_cpu_limit_is_a_timeout():
+    r = run_code("while True:\n    pass", timeout=30, cpu_seconds=1)
+    assert r.status == "timeout" and r.returncode in (-signal.SIGXCPU, -signal.SIGKILL), r
 
 
 def test_sleeping_forever_times_out_on_wall_clock():
