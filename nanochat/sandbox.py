@@ -397,13 +397,18 @@ def _finish(proc: subprocess.Popen, t0: float, timeout: float, cap: int):
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    """bwrap: its PID-1 child dies with it (--die-with-parent) and takes the whole PID namespace along.
-    The reduced path has only the process group (start_new_session made pid the group id)."""
-    for kill in (os.kill, os.killpg):
+    """bwrap: its PID-1 child dies with it (--die-with-parent) and takes the whole PID namespace along;
+    once bwrap has exited, so has the namespace. The reduced path has only the process group
+    (start_new_session made pid the group id), which can outlive its leader."""
+    if proc.returncode is None:  # not reaped yet, so the pid is still ours to signal
         try:
-            kill(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # a live group keeps its id from being reused
+    except (ProcessLookupError, PermissionError):
+        pass
     proc.wait()
     proc.stdout.close()
 
