@@ -151,18 +151,18 @@ def _console():
 def cmd_plan(a) -> int:
     import json
     from nanochat.config import load_config
-    from nanochat.scaling import check_plan, format_plan, plan
+    from nanochat.scaling import format_plan, plan, refusal
     p = plan(load_config(a.profile, a.overrides))
     print(json.dumps(p, indent=2) if a.json else format_plan(p))
-    check_plan(p)  # the plan is shown either way; exit 2 with the one-line reason when a run would be refused
+    if why := refusal(p):  # the plan is shown either way; exit 2 with the reason a run would be refused
+        die(why)
     return 0
 
 
 def cmd_run(a) -> int:
-    from nanochat.config import load_config
-    from nanochat.scaling import check_plan, plan
+    from nanochat.config import check_plan, load_config
     cfg = load_config(a.profile, a.overrides)
-    check_plan(plan(cfg))  # refuse a run whose data cannot cover its horizon, before anything starts
+    check_plan(cfg)  # refuse a run whose data cannot cover its horizon, before anything starts
     names = [s["name"] for s in sv.parse_stages(cfg["run"]["stages"])]
     if a.from_stage and a.from_stage not in names:
         die(f"--from {a.from_stage!r} is not a stage of this run; stages: {', '.join(names)}")

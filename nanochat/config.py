@@ -221,7 +221,20 @@ def load_config(profile: str | None = None, overrides=(), path: str | os.PathLik
         _apply(sections, {sec: {k: v}}, f"--set {item}")
     _check_consistency(sections)
     from nanochat.scaling import derive
-    return Config(derive(sections), profile or "defaults", inputs=sections)
+    try:
+        resolved = derive(sections)
+    except ValueError as e:  # a batch that cannot be split over the GPUs
+        raise ConfigError(str(e)) from None
+    return Config(resolved, profile or "defaults", inputs=sections)
+
+
+def check_plan(cfg: Config) -> dict:
+    """The plan of a run of cfg (nanochat/scaling.py); ConfigError when its data cannot cover the horizon."""
+    from nanochat.scaling import plan, refusal
+    p = plan(cfg)
+    if why := refusal(p):
+        raise ConfigError(why)
+    return p
 
 
 def _check_consistency(sections: dict) -> None:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from nanochat.config import ConfigError
-
 B_REF = 2 ** 19           # tokens per step at the reference depth
 REF_DEPTH = 12
 BATCH_EXPONENT = 0.383    # B_opt grows as D^0.383
@@ -83,7 +81,7 @@ def cadence(every: int, num_iterations: int, at_most: int) -> int:
 def derive_base_train(bt: dict, vocab_size: int, world_size: int) -> dict:
     """A resolved copy of [base_train]: every -1 filled, learning rates and weight decay scaled.
 
-    Raises ConfigError when the batch cannot be split evenly over the GPUs.
+    Raises ValueError (load_config makes it a ConfigError) when the batch cannot be split over the GPUs.
     """
     bt = dict(bt)
     if bt["max_seq_len"] < 0:
@@ -99,12 +97,12 @@ def derive_base_train(bt: dict, vocab_size: int, world_size: int) -> dict:
     # device_batch_size is a memory ceiling: a batch smaller than one row per GPU at that size lowers it
     rows = B // (T * world_size)
     if rows < 1:
-        raise ConfigError(f"base_train.total_batch_size = {B} is less than one {T}-token row per GPU "
+        raise ValueError(f"base_train.total_batch_size = {B} is less than one {T}-token row per GPU "
                          f"({world_size} GPUs); raise it or lower base_train.max_seq_len")
     bt["device_batch_size"] = min(bt["device_batch_size"], rows)
     per_step = bt["device_batch_size"] * T * world_size
     if B % per_step:
-        raise ConfigError(f"base_train.total_batch_size = {B} is not a multiple of device_batch_size x max_seq_len "
+        raise ValueError(f"base_train.total_batch_size = {B} is not a multiple of device_batch_size x max_seq_len "
                          f"x GPUs = {per_step}; change base_train.device_batch_size or total_batch_size")
     if bt["num_iterations"] < 0:
         bt["num_iterations"] = max(1, round(target / B))
@@ -131,7 +129,7 @@ def derive(sections: dict) -> dict:
     bt = out["base_train"] = derive_base_train(out["base_train"], out["tokenizer"]["vocab_size"],
                                                run["nproc_per_node"] * run["nnodes"])
     mid = out["mid_train"]
-    for k in ("max_seq_len", "device_batch_size", "total_batch_size", "eval_tokens"):
+    for k in ("max_seq_len", "device_batch_size", "eval_tokens"):  # (its batch: the base checkpoint's, at run time)
         if mid[k] < 0:
             mid[k] = bt[k]
     if out["base_eval"]["bpb_tokens"] < 0:
@@ -170,8 +168,8 @@ def plan(cfg) -> dict:
     mid = cfg["mid_train"]
     if any(s.split(":")[0] == "mid_train" for s in run["stages"]):
         per = mid["device_batch_size"] * mid["max_seq_len"] * gpus
-        stages["mid_train"] = dict(total_batch_size=mid["total_batch_size"],
-                                   grad_accum=max(1, round(mid["total_batch_size"] / per)),
+        batch = mid["total_batch_size"] if mid["total_batch_size"] > 0 else B
+        stages["mid_train"] = dict(total_batch_size=batch, grad_accum=max(1, round(batch / per)),
                                    num_iterations=mid["num_iterations"] if mid["num_iterations"] > 0 else "one epoch")
 
     per_shard = tokens_per_shard(data["source"])
@@ -196,13 +194,14 @@ def plan(cfg) -> dict:
     return dict(profile=cfg.profile, stages=stages, data=shards, compute=compute)
 
 
-def check_plan(p: dict) -> None:
-    """Raise ConfigError (one line) when the configured data cannot cover the horizon."""
+def refusal(p: dict) -> str | None:
+    """Why a run of this plan must not start (one line), or None: the configured data cannot cover the horizon."""
     d = p["data"]
     if not d["covers"]:
-        raise ConfigError(f"data.num_shards = {d['configured']} ({d['source']}) cannot cover the "
+        return (f"data.num_shards = {d['configured']} ({d['source']}) cannot cover the "
                          f"{p['stages']['base_train']['tokens'] / 1e9:.2f} B-token horizon; "
-                         f"set data.num_shards = {d['needed']} or more")
+                f"set data.num_shards = {d['needed']} or more")
+    return None
 
 
 def format_plan(p: dict) -> str:

@@ -148,7 +148,7 @@ def test_demo_profile_states_only_what_makes_it_a_demo():
     # what the demo used to state by hand now follows from depth 2 and its 300 x 2048-token budget
     assert (bt["max_seq_len"], bt["device_batch_size"], bt["eval_every"], bt["save_every"], bt["sample_every"],
             bt["eval_tokens"]) == (256, 8, 100, 100, 100, 16384)
-    assert (mid["max_seq_len"], mid["device_batch_size"], mid["total_batch_size"]) == (256, 8, 2048)
+    assert (mid["max_seq_len"], mid["device_batch_size"], mid["eval_tokens"]) == (256, 8, 16384)
     assert cfg["base_eval"]["bpb_tokens"] == 16384
     assert bt["matrix_lr"] == 0.03 and bt["weight_decay"] == 0.0  # hparam_scaling off: as stated
 

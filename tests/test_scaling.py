@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from nanochat.cli import main
-from nanochat.config import ConfigError, load_config
+from nanochat.config import ConfigError, check_plan, load_config
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.scaling import B_REF, check_plan, count_params, model_config, model_dims, plan, scaling_params
+from nanochat.scaling import B_REF, count_params, model_config, model_dims, plan, scaling_params
 
 
 @pytest.mark.parametrize("depth", range(1, 41))
@@ -70,7 +70,7 @@ def test_plan_speedrun_json_ratio_and_data(capsys):
 
 @pytest.mark.parametrize("profile", ["speedrun", "d26", "d32"])
 def test_gpu_profiles_have_the_shards_they_need(profile):
-    check_plan(plan(load_config(profile)))
+    check_plan(load_config(profile))
 
 
 def test_plan_table_and_refusal(capsys, tmp_path, monkeypatch):
@@ -78,7 +78,7 @@ def test_plan_table_and_refusal(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert "d26: width 1664, 13 heads of 128" in out and "(assumed)" in out and "covers the horizon" in out
     with pytest.raises(ConfigError) as e:
-        check_plan(plan(load_config("speedrun", ["data.num_shards=50"])))
+        check_plan(load_config("speedrun", ["data.num_shards=50"]))
     needed = plan(load_config("speedrun"))["data"]["needed"]
     assert str(e.value).startswith("data.num_shards = 50 (climbmix) cannot cover the ")
     assert str(e.value).endswith(f"set data.num_shards = {needed} or more")
@@ -90,7 +90,7 @@ def test_plan_table_and_refusal(capsys, tmp_path, monkeypatch):
     assert capsys.readouterr().err.strip() == f"nanochat: error: {e.value}"
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
     # and the needed count is indeed enough
-    check_plan(plan(load_config("speedrun", [f"data.num_shards={needed}"])))
+    check_plan(load_config("speedrun", [f"data.num_shards={needed}"]))
 
 
 def test_batch_that_cannot_split_over_gpus_is_a_config_error():

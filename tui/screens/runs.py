@@ -28,11 +28,9 @@ GPUS_KEY = "run.nproc_per_node"
 
 def plan_preview(profile: str, overrides: list[str]) -> str:
     """`nanochat plan`'s text for the form; ValueError with the one-line reason when a run would be refused."""
-    from nanochat.config import load_config
-    from nanochat.scaling import check_plan, format_plan, plan
-    p = plan(load_config(profile, overrides))
-    check_plan(p)  # ConfigError is a ValueError
-    return format_plan(p)
+    from nanochat.config import check_plan, load_config
+    from nanochat.scaling import format_plan
+    return format_plan(check_plan(load_config(profile, overrides)))  # ConfigError is a ValueError
 
 
 class RunsLoaded(Message):
