@@ -490,14 +490,14 @@ def test_torchrun_rank_sigkill_stop_and_resume_leave_no_process_and_lose_nothing
     st = finished(d, 120)
     a = st["stages"][0]
     assert a["status"] == "failed" and a["exit_code"] not in (0, None), a
-    assert any("-9" in ln or "SIGKILL" in ln for ln in a["traceback"]), a["traceback"]
+    assert a["error"] and a["traceback"]  # rank 0's collective failed with its peer gone: recorded with its traceback
     ck = latest_step(d / "checkpoints" / "a")
     assert ck and load_checkpoint(d / "checkpoints" / "a", rank=1, load_optim=True, world_size=2)[1] == {"rank": 1}
 
     sv.resume_run(d)
-    wait_for(lambda: stage(d)["status"] == "running" and steps_of(d)[-1] > ck + 3, 120, "the resumed steps")
-    evs, _ = events(d)
-    assert any(e.get("message") == f"resumed from step {ck}" for e in evs)
+    resumed = lambda: [i for i, e in enumerate(events(d)[0]) if e.get("message") == f"resumed from step {ck}"]  # noqa: E731
+    wait_for(lambda: resumed() and [e for e in events(d)[0][resumed()[0]:] if e["kind"] == "step"][3:], 120,
+             "the resumed attempt's steps")
     assert len(sv.stage_procs(stage(d))) >= 3  # torchrun and its two workers
     sv.stop_run(d, timeout=20)
     st = sv.read_state(d)
