@@ -9,19 +9,24 @@ Two ways to answer, by the task's `eval_type`:
   temperature 0, the calculator tool live); the problem counts as solved if any completion passes
   `task.evaluate` (pass@num_samples).
 
-`max_problems` takes the first N of a fixed shuffle of the task (the same on every run and rank).
-Under torchrun the problems are split across ranks and the outcomes summed, as in CORE.
+Problem order is the reference's (karpathy/nanochat scripts/chat_eval.py), so `max_problems` N picks
+the same problems: the tasks it reads from HuggingFace with `.shuffle(seed=42)` (ARC, MMLU, GSM8K,
+HumanEval) are visited in `numpy.random.default_rng(42).permutation(n)` order, SpellingBee in index
+order, and the first N are scored. Under torchrun the problems are split across ranks and the
+outcomes summed, as in CORE. Prompts are never cut (the model forwards 10x its training context).
 
-ChatCORE is the mean centred accuracy over the tasks, centred against chance: 25% for the 4-choice
-tasks, 0 for the generative ones. It is flagged `partial` unless all six tasks were run.
+ChatCORE is the seed's: the mean centred accuracy over the six tasks, centred against chance: 25% for
+the 4-choice tasks, 0 for the generative ones. The seed prints it only when all six ran; here the mean
+over the tasks that ran is still given, flagged `partial` with the `missing` tasks named.
 """
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
-from nanochat.core_eval import distributed_outcomes, subset_indices
+from nanochat.core_eval import distributed_outcomes, model_max_len
 
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
              "SpellingBee": 0.0}
@@ -34,10 +39,10 @@ def load_task(name: str):
     from nanochat.tasks.gsm8k import GSM8K
     from nanochat.tasks.humaneval import HumanEval
     from nanochat.tasks.mmlu import MMLU
-    from nanochat.tasks.spellingbee import SpellingBee
+    from nanochat.tasks.spellingbee import EVAL_SIZE, SpellingBee
     makers = {"ARC-Easy": lambda: ARC("ARC-Easy", "test"), "ARC-Challenge": lambda: ARC("ARC-Challenge", "test"),
               "MMLU": lambda: MMLU("all", "test"), "GSM8K": lambda: GSM8K(split="test"),
-              "HumanEval": lambda: HumanEval(), "SpellingBee": lambda: SpellingBee(split="test")}
+              "HumanEval": lambda: HumanEval(), "SpellingBee": lambda: SpellingBee(size=EVAL_SIZE, split="test")}
     return makers[name]()
 
 
@@ -54,6 +59,13 @@ def parse_tasks(spec: str) -> list[str]:
         if by_key[key] not in names:
             names.append(by_key[key])
     return names
+
+
+def problem_order(task, max_problems: int | None = None) -> list[int]:
+    """The problems scored, in the reference's order (see the module docstring)."""
+    n = len(task)
+    order = np.random.default_rng(42).permutation(n).tolist() if task.shuffled else list(range(n))
+    return order[:max_problems] if max_problems is not None and max_problems >= 0 else order
 
 
 def centered(acc: float, baseline: float) -> float:
@@ -78,8 +90,8 @@ def score_categorical(model, tokenizer, task, problems: list[int], device="cpu",
     """One forward pass for a batch of problems; the answer is the best letter at the last position."""
     convs = [task[i] for i in problems]
     prompts = [tokenizer.render_for_completion(c) for c in convs]
-    if max_len:
-        prompts = [p[-max_len:] for p in prompts]  # keep the end: the choices and <|assistant_start|>
+    if max_len:  # only past what the model can forward; keep the end: the choices and <|assistant_start|>
+        prompts = [p[-max_len:] for p in prompts]
     pad = tokenizer.get_bos_token_id()
     T = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), pad, dtype=torch.long)
@@ -114,9 +126,9 @@ def score_generative(engine, tokenizer, task, problems: list[int], num_samples: 
 def evaluate_chat_task(task, model, tokenizer, engine=None, device="cpu", max_problems: int | None = None,
                        batch_size: int = 8, **gen) -> list[bool]:
     """Outcomes over the selected problems (split across ranks under torchrun)."""
-    problems = subset_indices(len(task), max_problems)
+    problems = problem_order(task, max_problems)
     if task.eval_type == "categorical":
-        max_len = getattr(getattr(model, "config", None), "sequence_len", None)
+        max_len = model_max_len(model)
         return distributed_outcomes(len(problems), lambda chunk: score_categorical(
             model, tokenizer, task, [problems[j] for j in chunk], device, max_len), device, batch_size)
     if engine is None:
@@ -128,7 +140,8 @@ def evaluate_chat_task(task, model, tokenizer, engine=None, device="cpu", max_pr
 
 def run_chat_eval(model, tokenizer, task_names: list[str], engine=None, device="cpu", max_problems=None,
                   batch_size: int = 8, on_task=None, tasks: dict | None = None, stop=None, **gen) -> dict:
-    """Evaluate the named tasks. Returns {"tasks": {name: {acc, centered, n, seconds}}, "chatcore", "partial"}.
+    """Evaluate the named tasks. Returns {"tasks": {name: {acc, centered, n, seconds}}, "chatcore", "partial",
+    "missing"}.
     `tasks` may supply task objects by name (tests, custom data); the rest are loaded by load_task.
     `stop()` is asked before each task; once it says yes the rest is left out (partial)."""
     results = {}
@@ -140,17 +153,18 @@ def run_chat_eval(model, tokenizer, task_names: list[str], engine=None, device="
         outcomes = evaluate_chat_task(task, model, tokenizer, engine, device, max_problems, batch_size, **gen)
         acc = sum(outcomes) / max(1, len(outcomes))
         results[name] = {"acc": acc, "centered": centered(acc, BASELINES[name]), "n": len(outcomes),
-                         "seconds": round(time.time() - t0, 3)}
+                         "seconds": round(time.time() - t0, 3), "source": getattr(task, "source", None)}
         if on_task:
             on_task(name, results[name])
     score = sum(r["centered"] for r in results.values()) / len(results) if results else float("nan")
-    return {"tasks": results, "chatcore": score, "partial": set(results) != set(ALL_TASKS)}
+    missing = [t for t in ALL_TASKS if t not in results]
+    return {"tasks": results, "chatcore": score, "partial": bool(missing), "missing": missing}
 
 
 def format_table(result: dict) -> str:
     lines = [f"{'task':<16}{'n':>7}{'acc':>9}{'centred':>9}"]
     for name, r in result["tasks"].items():
         lines.append(f"{name:<16}{r['n']:>7}{r['acc']:>9.4f}{r['centered']:>9.4f}")
-    flag = "  (partial: not all six tasks)" if result["partial"] else ""
+    flag = f"  (partial: missing {', '.join(result['missing'])})" if result["partial"] else ""
     lines.append(f"{'ChatCORE':<16}{'':>7}{'':>9}{result['chatcore']:>9.4f}{flag}")
     return "\n".join(lines)

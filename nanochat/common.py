@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +26,17 @@ def print0(*args, **kwargs):
     """print on global rank 0 only (torchrun sets RANK)."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
+
+
+# terminal control: CSI (colours, cursor moves, clear screen), OSC (title, hyperlinks, clipboard), other
+# escapes, then any lone C0/C1 control but newline and tab (bell, backspace, carriage return, a split ESC)
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]"
+                      r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def strip_controls(text: str) -> str:
+    """`text` (model output, a log line) without what a terminal would act on instead of showing."""
+    return _CONTROL.sub("", text)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
@@ -148,25 +160,3 @@ def die(msg: str, code: int = 2):
     """One clear line on stderr, then exit: for bad user input, never a traceback."""
     print(f"nanochat: error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(code)
-
-
-# Dense bf16 peak FLOP/s per GPU (no sparsity), by a substring of torch.cuda.get_device_name().
-# First match wins, so more specific names come first.
-PEAK_FLOPS_BF16 = [
-    ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("A10G", 125e12), ("A10", 125e12), ("L40S", 362e12),
-    ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12),
-]
-
-
-def peak_flops(device) -> float | None:
-    """Peak dense bf16 FLOP/s of one accelerator, or None when unknown (CPU, unlisted GPU)."""
-    import torch
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_FLOPS_BF16:
-        if key in name:
-            return flops
-    return None

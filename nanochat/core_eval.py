@@ -1,4 +1,5 @@
-"""CORE: the DCLM in-context-learning suite that scores a base model with one number.
+"""CORE: the DCLM in-context-learning suite that scores a base model with one number, computed the way
+karpathy/nanochat computes it (nanochat/core_eval.py and scripts/base_eval.py there), so the numbers compare.
 
 A task is a jsonl file of examples of one of three kinds. Nothing is generated; every example is
 scored from the logits of one batched forward pass:
@@ -8,32 +9,37 @@ scored from the logits of one batched forward pass:
 - schema           {"context_options", "continuation", "gold"}: the ending is shared, the contexts
   differ. The prediction is the context under which the continuation has the lowest mean loss.
 - language_modeling {"context", "continuation"}: correct when greedy (argmax) prediction, teacher
-  forced, reproduces every token of the continuation.
+  forced, reproduces every scored token.
 
-Prompts. One example renders as `query + delim + choice` (MC), `context_option + delim + continuation`
-(schema) or `context + delim + continuation` (LM), `delim` being the task's continuation_delimiter
-(default " "). With k shots, k other examples of the same task are drawn with
-`random.Random(1234 + index)` (never the example itself), rendered with their gold answer, and put
-in front, each followed by a blank line ("\n\n"). Every sequence starts with BOS. Sequences longer
-than the model's context are cut from the left, so the scored end always survives.
+Order and shots. Each task is shuffled with `random.Random(1337)` (always: a full run and a
+`--max-per-task N` run agree on position j), then cut to its first N items. The k shots of position j
+are `random.Random(1234 + j).sample` of the other positions of that (cut) list.
+
+Prompts. Shots are rendered solved, each followed by a blank line ("\n\n"), then the example:
+`query + delim + choice` (MC), `context_option + delim + continuation` (schema), and for LM
+`context.strip() + delim` without and with the continuation, the one without stripped again.
+`delim` is the task's continuation_delimiter (default " "). Every sequence starts with BOS.
 
 Which tokens are scored. MC: the tokens after the longest common prefix of the choices' sequences.
-Schema: the longest common suffix (the continuation). LM: the tokens after the longest common prefix
-of the prompt without and with the continuation (robust to a delimiter space merging into the first
-word). Ties go to the earliest choice, so a model with no preference always picks choice 0.
+Schema: the longest common suffix (the continuation). LM: the tokens after the (stripped) prompt
+without the continuation, so a delimiter space that is a token of its own must be predicted too.
+Ties go to the earliest choice. Nothing is cut unless a sequence is longer than the model can forward
+(`model_max_len`); such examples are cut from the left, counted (`cropped`) and flagged.
 
 Accuracy is centred against the task's random baseline rb (percent, from the bundle's
 eval_meta_data.csv): centred = (acc - 0.01*rb) / (1 - 0.01*rb). CORE is the mean centred accuracy
 over the 22 CORE tasks. A task missing from the bundle is named in `missing` and the result is
-flagged `partial`; it is never silently dropped.
+flagged `partial`; it is never silently dropped. Each task's result names its data file (`source`).
 
 Bundle layout (the public DCLM bundle, or llm-foundry's `local_data/` tree):
     <bundle>/core.yaml | mmlu_and_lowvar.yaml   icl_tasks: label, dataset_uri, num_fewshot, icl_task_type,
                                                 continuation_delimiter
     <bundle>/eval_meta_data.csv                 random baselines ("Eval Task", "Random baseline")
     <bundle>/[eval_data/]<dataset_uri>          the jsonl files
-HellaSwag may instead come as the 6-lines-per-example text file `hellaswag_val_full.txt.bz2`
-(in the bundle, in `<bundle>/hellaswag/` or in a sibling `hellaswag/`), converted on load.
+The bundle's own HellaSwag jsonl is used whenever it is there. Only when it is absent is HellaSwag read
+from the 6-lines-per-example text file `hellaswag_val_full.txt.bz2` (in the bundle, in `<bundle>/hellaswag/`
+or a sibling `hellaswag/`); that copy differs in case ("... on a roof. he" where the bundle has "He"), so
+its `source` says it is a substitute.
 """
 from __future__ import annotations
 
@@ -63,8 +69,8 @@ CORE_TASKS = (
     "bigbench_repeat_copy_logic", "squad", "coqa", "boolq", "bigbench_language_identification",
 )
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
-FEWSHOT_SEED = 1234   # few-shot draw for example i uses Random(FEWSHOT_SEED + i)
-SUBSET_SEED = 1337    # --max-per-task takes the first N of a shuffle with this seed
+SHUFFLE_SEED = 1337   # every task is shuffled with Random(1337) before anything else
+FEWSHOT_SEED = 1234   # the shots of position j are drawn with Random(1234 + j)
 
 
 class BundleError(ValueError):
@@ -79,6 +85,7 @@ class TaskSpec:
     delimiter: str
     random_baseline: float  # percent
     path: Path | None       # the jsonl (or hellaswag text) file; None when missing from the bundle
+    source: str = ""        # where the data came from, for the report
 
 
 # ----------------------------------------------------------------------------- bundle: download and read
@@ -134,9 +141,19 @@ def _resolve_data(bundle: Path, uri: str, label: str) -> Path | None:
     return None
 
 
+def describe_source(bundle: Path, path: Path) -> str:
+    """The data file relative to the bundle's parent; the HellaSwag text copy is marked a substitute."""
+    try:
+        rel = str(path.resolve().relative_to(bundle.resolve().parent))
+    except ValueError:
+        rel = str(path)
+    return rel + (" (substitute for the bundle's hellaswag.jsonl; lower-case sentence starts)"
+                  if path.name == HELLASWAG_TEXT else "")
+
+
 def load_bundle(bundle_dir: str | Path) -> tuple[list[TaskSpec], list[str], dict]:
     """Read the task list and random baselines. Returns (specs of the CORE tasks found, labels of the
-    CORE tasks missing, info {"task_file", "baselines_file"})."""
+    CORE tasks missing from the bundle, info {"task_file", "baselines_file"})."""
     import yaml
     bundle = Path(bundle_dir).expanduser()
     task_file = next((bundle / t for t in TASK_FILES if (bundle / t).is_file()), None)
@@ -165,7 +182,7 @@ def load_bundle(bundle_dir: str | Path) -> tuple[list[TaskSpec], list[str], dict
             raise BundleError(f"{task_file}: task {label} has icl_task_type {t['icl_task_type']!r}; "
                               f"allowed: {', '.join(TASK_TYPES)}")
         specs.append(TaskSpec(label, t["icl_task_type"], int(shots), t.get("continuation_delimiter", " "),
-                              baselines[label], path))
+                              baselines[label], path, describe_source(bundle, path)))
     return specs, missing, {"task_file": task_file.name, "baselines_file": meta_file.name}
 
 
@@ -189,35 +206,46 @@ def load_task_data(spec: TaskSpec) -> list[dict]:
 
 # ----------------------------------------------------------------------------- prompts
 
-def fewshot_indices(n: int, index: int, k: int) -> list[int]:
-    """k distinct example indices out of n, never `index`, the same on every run and every rank."""
+def prepare_task(data: list[dict], max_per_task: int | None = None) -> list[dict]:
+    """The task as it is scored: shuffled with Random(1337) (always, so a full run and a subset agree on
+    position j), then its first max_per_task items. Shots are drawn from this list only."""
+    data = list(data)
+    random.Random(SHUFFLE_SEED).shuffle(data)
+    return data[:max_per_task] if max_per_task is not None and max_per_task > 0 else data
+
+
+def fewshot_indices(n: int, j: int, k: int) -> list[int]:
+    """The k shots of position j: Random(1234 + j).sample of the other positions, in draw order.
+    (k is capped at n - 1, where the reference would fail on a task too small for its shots.)"""
     k = min(k, n - 1)
     if k <= 0:
         return []
-    picks = random.Random(FEWSHOT_SEED + index).sample(range(n - 1), k)
-    return [j + (j >= index) for j in picks]  # skip over the example itself
+    return random.Random(FEWSHOT_SEED + j).sample([i for i in range(n) if i != j], k)
 
 
-def render_example(item: dict, task_type: str, delim: str) -> list[str]:
-    """Texts to score: one per choice (MC), one per context option (schema), or for LM
-    [prompt without continuation, prompt with continuation]."""
+def render_shot(item: dict, task_type: str, delim: str) -> str:
+    """An example solved, as a demonstration; each is followed by a blank line."""
     if task_type == "multiple_choice":
-        return [item["query"] + delim + c for c in item["choices"]]
+        return item["query"] + delim + item["choices"][item["gold"]]
     if task_type == "schema":
-        return [c + delim + item["continuation"] for c in item["context_options"]]
-    return [item["context"] + delim, item["context"] + delim + item["continuation"]]
+        return item["context_options"][item["gold"]] + delim + item["continuation"]
+    return item["context"].strip() + delim + item["continuation"]
 
 
-def render_gold(item: dict, task_type: str, delim: str) -> str:
-    """An example as a solved demonstration (for few-shot prefixes)."""
-    texts = render_example(item, task_type, delim)
-    return texts[-1] if task_type == "language_modeling" else texts[item["gold"]]
-
-
-def build_prompts(data: list[dict], index: int, spec: TaskSpec) -> list[str]:
-    shots = [data[j] for j in fewshot_indices(len(data), index, spec.num_fewshot)]
-    prefix = "".join(render_gold(s, spec.task_type, spec.delimiter) + "\n\n" for s in shots)
-    return [prefix + t for t in render_example(data[index], spec.task_type, spec.delimiter)]
+def build_prompts(data: list[dict], j: int, spec: TaskSpec) -> list[str]:
+    """Texts to score: one per choice (MC), one per context option (schema), or for LM
+    [prompt without the continuation, stripped; prompt with it]."""
+    prefix = "".join(render_shot(data[i], spec.task_type, spec.delimiter) + "\n\n"
+                     for i in fewshot_indices(len(data), j, spec.num_fewshot))
+    item, d = data[j], spec.delimiter
+    if spec.task_type == "multiple_choice":
+        return [prefix + item["query"] + d + c for c in item["choices"]]
+    if spec.task_type == "schema":
+        return [prefix + c + d + item["continuation"] for c in item["context_options"]]
+    head = prefix + item["context"].strip() + d
+    # stripped: the delimiter's trailing space is then not part of the context, so when the tokenizer
+    # makes it a token of its own (" 17" -> " ", "17") the model has to predict it too
+    return [head.strip(), head + item["continuation"]]
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -232,30 +260,37 @@ def _common_suffix(seqs: list[list[int]]) -> int:
     return _common_prefix([s[::-1] for s in seqs])
 
 
+def scored_spans(seqs: list[list[int]], task_type: str) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """The sequences to forward and, per sequence, the [start, end) token positions that are scored.
+    MC: after the choices' common prefix. Schema: the common suffix. LM: the sequence with the
+    continuation, from the end of the one without (at least one token each, so a mean exists)."""
+    if task_type == "multiple_choice":
+        start = min(_common_prefix(seqs), min(len(s) for s in seqs) - 1)
+        return seqs, [(start, len(s)) for s in seqs]
+    if task_type == "schema":
+        suffix = min(_common_suffix(seqs), min(len(s) for s in seqs) - 1)
+        return seqs, [(len(s) - suffix, len(s)) for s in seqs]
+    without, with_ = seqs
+    return [with_], [(min(len(without), len(with_) - 1), len(with_))]
+
+
 # ----------------------------------------------------------------------------- scoring
 
 def model_max_len(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "sequence_len", None)
+    """The longest sequence the model can forward: nanochat's GPT has rotary tables for 10x its training
+    context, so CORE prompts (up to ~2.5K tokens) are never cut for it."""
+    return getattr(model, "rotary_len", None) or getattr(model, "max_seq_len", None)
 
 
 @torch.no_grad()
-def score_example(model, tokenizer, data: list[dict], index: int, spec: TaskSpec, device,
-                  max_len: int | None = None) -> bool:
-    """Is the model right on data[index]? One forward pass over all the example's sequences."""
+def score_example(model, tokenizer, data: list[dict], j: int, spec: TaskSpec, device,
+                  max_len: int | None = None) -> tuple[bool, bool]:
+    """(is the model right on data[j], was a sequence cut to max_len). One forward pass for all of the
+    example's sequences, padded on the right with BOS (after every scored position: inert)."""
     bos = tokenizer.get_bos_token_id()
-    seqs = tokenizer.encode(build_prompts(data, index, spec), prepend=bos)
-    if spec.task_type == "multiple_choice":
-        start = min(_common_prefix(seqs), min(len(s) for s in seqs) - 1)  # score >= 1 token each
-        spans = [(start, len(s)) for s in seqs]
-    elif spec.task_type == "schema":
-        suffix = min(_common_suffix(seqs), min(len(s) for s in seqs) - 1)
-        spans = [(len(s) - suffix, len(s)) for s in seqs]
-    else:
-        without, with_ = seqs
-        seqs = [with_]
-        spans = [(min(_common_prefix([without, with_]), len(with_) - 1), len(with_))]
-    if max_len:  # cut from the left; the scored span stays (unless it alone is longer than the context)
+    seqs, spans = scored_spans(tokenizer.encode(build_prompts(data, j, spec), prepend=bos), spec.task_type)
+    cropped = bool(max_len) and max(len(s) for s in seqs) > max_len
+    if cropped:  # only past the model's context: cut from the left, the scored end stays
         cut = [max(0, len(s) - max_len) for s in seqs]
         seqs = [s[c:] for s, c in zip(seqs, cut)]
         spans = [(max(1, a - c), b - c) for (a, b), c in zip(spans, cut)]
@@ -264,49 +299,41 @@ def score_example(model, tokenizer, data: list[dict], index: int, spec: TaskSpec
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     ids = ids.to(device)
-    logits = model(ids).float()  # padding sits after every scored position, so causality keeps it inert
-    if spec.task_type == "language_modeling":
+    logits = model(ids).float()
+    if spec.task_type == "language_modeling":  # right when greedy decoding reproduces every scored token
         a, b = spans[0]
-        return bool((logits[0, a - 1:b - 1].argmax(-1) == ids[0, a:b]).all())
+        return bool((logits[0, a - 1:b - 1].argmax(-1) == ids[0, a:b]).all()), cropped
     losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-    # float64 means: a model with no preference gives bit-identical means, so the tie rule holds
-    means = torch.stack([losses[i, a - 1:b - 1].double().mean() for i, (a, b) in enumerate(spans)])
-    return int(means.argmin()) == data[index]["gold"]
+    means = torch.stack([losses[i, a - 1:b - 1].mean() for i, (a, b) in enumerate(spans)])
+    return int(means.argmin()) == data[j]["gold"], cropped  # argmin: the first of equal means
 
 
-def subset_indices(n: int, max_per_task: int | None) -> list[int]:
-    """All indices, or the first max_per_task of a fixed shuffle (a representative sample)."""
-    if max_per_task is None or max_per_task < 0 or max_per_task >= n:
-        return list(range(n))
-    order = list(range(n))
-    random.Random(SUBSET_SEED).shuffle(order)
-    return order[:max_per_task]
-
-
-def distributed_outcomes(n: int, score, device="cpu", batch_size: int = 1) -> list[bool]:
-    """Outcomes of positions 0..n-1, where `score(positions) -> list[bool]`. Under torchrun each rank
-    scores every world_size-th position (in chunks of batch_size) and the outcomes are summed across
-    ranks, so every rank returns the same full list, equal to a single-process run."""
+def distributed_outcomes(n: int, score, device="cpu", batch_size: int = 1, width: int = 1) -> list:
+    """Outcomes of positions 0..n-1, where `score(positions)` gives one value (or a `width`-tuple) per
+    position. Under torchrun each rank scores every world_size-th position (in chunks of batch_size)
+    and the outcomes are summed across ranks, so every rank returns the same full list, equal to a
+    single-process run: bools, or tuples of bools when width > 1."""
     import torch.distributed as dist
     ddp = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     mine = list(range(rank, n, world))
-    out = torch.zeros(n, dtype=torch.float32, device=device)
+    out = torch.zeros(n, width, dtype=torch.float32, device=device)
     for k in range(0, len(mine), batch_size):
         chunk = mine[k:k + batch_size]
-        out[chunk] = torch.tensor([float(v) for v in score(chunk)], device=device)
+        vals = [v if isinstance(v, tuple) else (v,) for v in score(chunk)]
+        out[chunk] = torch.tensor([[float(x) for x in v] for v in vals], device=device)
     if world > 1:
         dist.all_reduce(out)
-    return [bool(v) for v in out.tolist()]
+    rows = [tuple(bool(x) for x in r) for r in out.tolist()]
+    return rows if width > 1 else [r[0] for r in rows]
 
 
 @torch.no_grad()
 def evaluate_task(model, tokenizer, data: list[dict], spec: TaskSpec, device="cpu",
-                  max_per_task: int | None = None, max_len: int | None = None) -> list[bool]:
-    """Per-example outcomes, in subset order, split across ranks under torchrun."""
-    idx = subset_indices(len(data), max_per_task)
-    return distributed_outcomes(len(idx), lambda chunk: [
-        score_example(model, tokenizer, data, idx[j], spec, device, max_len) for j in chunk], device)
+                  max_len: int | None = None) -> list[tuple[bool, bool]]:
+    """(correct, cropped) per position of `data` (a prepared task), split across ranks under torchrun."""
+    return distributed_outcomes(len(data), lambda chunk: [
+        score_example(model, tokenizer, data, j, spec, device, max_len) for j in chunk], device, width=2)
 
 
 def centered(acc: float, random_baseline: float) -> float:
@@ -315,44 +342,47 @@ def centered(acc: float, random_baseline: float) -> float:
 
 
 def evaluate_core(model, tokenizer, bundle_dir: str | Path, device="cpu", max_per_task: int | None = None,
-                  tasks: list[str] | None = None, on_task=None, stop=None) -> dict:
+                  tasks: list[str] | None = None, on_task=None, stop=None, max_len: int | None = None) -> dict:
     """Run every CORE task found in the bundle. Returns
-    {"tasks": {label: {acc, centered, n, type, shots, random_baseline}}, "core", "partial", "missing",
-     "task_file", "baselines_file"}; `on_task(label, result)` is called after each task (for events).
-    `stop()` is asked before each task (on every rank); once it says yes the rest is left out and the
-    result is partial."""
-    specs, missing, info = load_bundle(bundle_dir)
+    {"tasks": {label: {acc, centered, n, type, shots, random_baseline, cropped, source, seconds}}, "core",
+     "partial", "missing", "cropped", "task_file", "baselines_file"}; `on_task(label, result)` is called after
+    each task (for events). `stop()` is asked before each task (on every rank); once it says yes the rest
+    is left out, named in `missing`, and the result is partial. `max_len` defaults to model_max_len(model)."""
+    specs, _, info = load_bundle(bundle_dir)
     if tasks:
         unknown = sorted(set(tasks) - set(CORE_TASKS))
         if unknown:
             raise BundleError(f"unknown CORE task(s) {', '.join(unknown)}; allowed: {', '.join(CORE_TASKS)}")
         specs = [s for s in specs if s.label in tasks]
-        missing = [m for m in missing if m in tasks]
-    max_len = model_max_len(model)
+    max_len = max_len or model_max_len(model)
     results = {}
     for spec in specs:
         if stop is not None and stop():
             break
         t0 = time.time()
-        data = load_task_data(spec)
-        outcomes = evaluate_task(model, tokenizer, data, spec, device, max_per_task, max_len)
-        acc = sum(outcomes) / max(1, len(outcomes))
+        data = prepare_task(load_task_data(spec), max_per_task)
+        outcomes = evaluate_task(model, tokenizer, data, spec, device, max_len)
+        acc = sum(ok for ok, _ in outcomes) / max(1, len(outcomes))
         results[spec.label] = {"acc": acc, "centered": centered(acc, spec.random_baseline), "n": len(outcomes),
                                "type": spec.task_type, "shots": spec.num_fewshot,
-                               "random_baseline": spec.random_baseline, "seconds": round(time.time() - t0, 3)}
+                               "random_baseline": spec.random_baseline, "cropped": sum(c for _, c in outcomes),
+                               "source": spec.source, "seconds": round(time.time() - t0, 3)}
         if on_task:
             on_task(spec.label, results[spec.label])
     core = sum(r["centered"] for r in results.values()) / len(results) if results else float("nan")
-    wanted = len(set(tasks)) if tasks else len(CORE_TASKS)
-    return {"tasks": results, "core": core, "partial": len(results) < wanted, "missing": missing, **info}
+    missing = [t for t in CORE_TASKS if t not in results]  # not in the bundle, not asked for, or stopped
+    return {"tasks": results, "core": core, "partial": bool(missing), "missing": missing,
+            "cropped": sum(r["cropped"] for r in results.values()), **info}
 
 
 def format_table(result: dict) -> str:
     """The per-task table printed by base_eval."""
-    lines = [f"{'task':<34}{'type':<6}{'shots':>5}{'n':>7}{'acc':>9}{'centred':>9}"]
+    lines = [f"{'task':<34}{'type':<6}{'shots':>5}{'n':>7}{'acc':>9}{'centred':>9}  source"]
     short = {"multiple_choice": "MC", "schema": "schema", "language_modeling": "LM"}
     for label, r in result["tasks"].items():
-        lines.append(f"{label:<34}{short[r['type']]:<6}{r['shots']:>5}{r['n']:>7}{r['acc']:>9.4f}{r['centered']:>9.4f}")
+        cut = f" ({r['cropped']} cropped to the model's context)" if r["cropped"] else ""
+        lines.append(f"{label:<34}{short[r['type']]:<6}{r['shots']:>5}{r['n']:>7}{r['acc']:>9.4f}"
+                     f"{r['centered']:>9.4f}  {r['source']}{cut}")
     for label in result["missing"]:
         lines.append(f"{label:<34}{'-':<6}{'':>5}{'':>7}{'missing':>9}")
     n = len(result["tasks"])

@@ -146,8 +146,9 @@ class EventWriter:
     def step(self, *, step: int, total_steps: int, loss: float, **fields):
         return self.emit("step", step=step, total_steps=total_steps, loss=loss, **fields)
 
-    def eval(self, *, task: str, metric: str, value: float, step: int | None = None, **fields):
-        return self.emit("eval", task=task, metric=metric, value=value, step=step, **fields)
+    def eval(self, *, task: str, metric: str, value: float, phase: str | None, step: int | None = None, **fields):
+        """`phase` (required): the checkpoint phase evaluated (base, mid, sft, rl), None for no model (tokenizer)."""
+        return self.emit("eval", task=task, metric=metric, value=value, phase=phase, step=step, **fields)
 
     def sample(self, *, prompt: str, text: str, step: int | None = None, **fields):
         return self.emit("sample", prompt=prompt, text=text, step=step, **fields)

@@ -1,43 +1,31 @@
 """report.md: the report card of a run, built only from what the run wrote down.
 
 Inputs: `<run_dir>/<stage>/events.jsonl` (docs/events.md), `state.json` (stage plan, statuses, errors,
-and the machine snapshot the driver took: `system_info()`), `config.toml` (price override).
+and the machine snapshot the driver took: nanochat.system.system_info), `config.toml` (price override).
 Nothing is re-measured at report time, so a report can be rebuilt anywhere, any time, for a
-finished, failed or still running run. Which event fields are read: docs/supervisor.md.
+finished, failed or still running run. The driver writes it when a run ends (succeeded, failed or
+stopped); `nanochat report` and the TUI's export call the same `write_report`.
+
+The summary table has the seed's rows (CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval,
+SpellingBee, ChatCORE) and one column per checkpoint phase, read from each eval event's `phase`.
+Every aggregate (CORE, ChatCORE) and every bpb says whether it is complete or partial, and what is missing.
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import math
-import os
-import platform
-import re
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 from nanochat.checkpoint import PHASES
 from nanochat.common import atomic_write
 from nanochat.events import EVENTS_FILE, as_float, read_events
+from nanochat.system import hourly_rate, run_cost, system_info
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 REPORT_FILE = "report.md"
-
-# Approximate on-demand cloud price per GPU-hour in USD (2025), matched by substring of the GPU
-# name, first match wins (so "H200" before "H100", "A100" before "A10"). `run.gpu_hourly_usd >= 0`
-# in the config overrides it. Only used for the report's cost line.
-GPU_HOURLY_USD = [("GH200", 3.50), ("H200", 3.80), ("H100", 3.00), ("B200", 5.50), ("A100", 1.80),
-                  ("L40S", 1.00), ("A10", 0.75), ("L40", 0.90), ("L4", 0.60), ("RTX 4090", 0.40),
-                  ("RTX 3090", 0.25), ("V100", 0.50), ("T4", 0.35)]
-
-SUMMARY_ROWS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "ChatCORE"]
-CODE_EXTS = {".py", ".rs", ".toml", ".tcss", ".md", ".sh", ".yml", ".yaml", ".txt", ".cfg"}
+SUMMARY_ROWS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
+AGGREGATES = {"CORE": "core", "ChatCORE": "chatcore"}  # row -> the metric its aggregate event carries
 
 # end-event (or base_train's `log derived`) fields shown as labelled facts, in this order
 FACTS = [("vocab_size", "Vocabulary size", "int"), ("num_params", "Parameters", "int"),
@@ -46,113 +34,6 @@ FACTS = [("vocab_size", "Vocabulary size", "int"), ("num_params", "Parameters", 
          ("total_batch_size", "Batch size (tokens)", "int"), ("num_iterations", "Iterations", "int"),
          ("steps_done", "Steps done", "int"), ("mfu", "MFU", "pct"), ("min_val_bpb", "Min validation bpb", "f4"),
          ("final_val_bpb", "Final validation bpb", "f4"), ("train_time_s", "Training time", "dur")]
-
-
-# ------------------------------------------------------------------------------------ the machine
-
-def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
-    try:
-        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10)
-        return r.stdout if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def git_info(repo: Path = REPO_ROOT) -> dict | None:
-    commit = _run(["git", "rev-parse", "HEAD"], repo)
-    if not commit:
-        return None
-    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], repo)
-    branch = _run(["git", "rev-parse", "--abbrev-ref", "HEAD"], repo)
-    return {"commit": commit.strip(), "dirty": bool(dirty and dirty.strip()),
-            "branch": branch.strip() if branch else None}
-
-
-def code_size(repo: Path = REPO_ROOT) -> dict:
-    """Files and lines of the checkout's source (tracked files when it is a git checkout)."""
-    listed = _run(["git", "ls-files"], repo)
-    if listed:
-        files = [repo / f for f in listed.splitlines()]
-    else:
-        files = [p for d in ("nanochat", "stages", "tui", "rustbpe", "tests") for p in (repo / d).rglob("*")]
-    by_ext: dict[str, list[int]] = {}
-    for f in files:
-        if f.suffix not in CODE_EXTS or not f.is_file():
-            continue
-        try:
-            n = f.read_bytes().count(b"\n")
-        except OSError:
-            continue
-        e = by_ext.setdefault(f.suffix.lstrip("."), [0, 0])
-        e[0] += 1
-        e[1] += n
-    return {"files": sum(v[0] for v in by_ext.values()), "lines": sum(v[1] for v in by_ext.values()),
-            "by_ext": {k: {"files": v[0], "lines": v[1]} for k, v in sorted(by_ext.items())}}
-
-
-def _torch_cuda_build() -> str | None:
-    """torch's CUDA build version, read from torch/version.py: importing torch costs seconds."""
-    spec = importlib.util.find_spec("torch")
-    if not spec or not spec.origin:
-        return None
-    try:
-        text = (Path(spec.origin).parent / "version.py").read_text()
-    except OSError:
-        return None
-    m = re.search(r"^cuda(?::[^=]*)?=\s*'([^']*)'", text, re.M)
-    return m.group(1) if m else None
-
-
-def _gpus() -> tuple[list[dict], str | None, str | None]:
-    """[{name, memory_bytes}], NVIDIA driver version, CUDA version the driver supports."""
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        try:
-            gpus = []
-            for i in range(pynvml.nvmlDeviceGetCount()):
-                h = pynvml.nvmlDeviceGetHandleByIndex(i)
-                name = pynvml.nvmlDeviceGetName(h)
-                gpus.append({"name": name.decode() if isinstance(name, bytes) else name,
-                             "memory_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(h).total)})
-            drv = pynvml.nvmlSystemGetDriverVersion()
-            cuda = pynvml.nvmlSystemGetCudaDriverVersion()
-            return gpus, drv.decode() if isinstance(drv, bytes) else drv, f"{cuda // 1000}.{cuda % 1000 // 10}"
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no NVML library, no driver, no GPU: all mean "not from NVML"
-        pass
-    if not Path("/proc/driver/nvidia").exists():
-        return [], None, None
-    try:  # a driver without a loadable NVML: ask torch (slow import, but only on such machines)
-        import torch
-        gpus = [{"name": torch.cuda.get_device_name(i), "memory_bytes": torch.cuda.get_device_properties(i).total_memory}
-                for i in range(torch.cuda.device_count())]
-        return gpus, None, None
-    except Exception:
-        return [], None, None
-
-
-def _pkg_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def system_info() -> dict:
-    """Snapshot of the machine and the code, taken by the driver when it starts driving a run."""
-    gpus, driver, cuda_driver = _gpus()
-    return {"captured": round(time.time(), 3), "host": socket.gethostname(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": _pkg_version("torch"), "torch_cuda": _torch_cuda_build(),
-            "cpus": os.cpu_count(), "cpus_physical": psutil.cpu_count(logical=False),
-            "ram_bytes": psutil.virtual_memory().total, "gpus": gpus, "nvidia_driver": driver,
-            "cuda_driver": cuda_driver, "git": git_info(), "code": code_size()}
-
-
-def gpu_hourly_rate(gpu_name: str) -> float | None:
-    up = gpu_name.upper()
-    return next((rate for key, rate in GPU_HOURLY_USD if key in up), None)
 
 
 # ------------------------------------------------------------------------------------ the events
@@ -172,21 +53,22 @@ class StageData:
         return evs[-1] if evs else None
 
     @property
-    def seconds(self) -> float:
-        """Time the stage ran: each `start` opens an attempt that lasts until its last event."""
-        total, t0, t1 = 0.0, None, None
+    def spans(self) -> list[tuple[float, float]]:
+        """(first, last) event time of each attempt: each `start` opens one."""
+        out = []
         for e in self.events:
             ts = e.get("ts")
             if not isinstance(ts, (int, float)):
                 continue
-            if e.get("kind") == "start":
-                if t0 is not None:
-                    total += t1 - t0
-                t0 = ts
-            elif t0 is None:
-                t0 = ts
-            t1 = ts
-        return total + (t1 - t0 if t0 is not None else 0.0)
+            if e.get("kind") == "start" or not out:
+                out.append((ts, ts))
+            else:
+                out[-1] = (out[-1][0], ts)
+        return out
+
+    @property
+    def seconds(self) -> float:
+        return sum(b - a for a, b in self.spans)
 
     def summary(self) -> dict:
         """The stage's summary: its last `end`, completed by base_train's `log derived` (partial runs)."""
@@ -200,48 +82,27 @@ class StageData:
         return out
 
 
-def phase_of(ev: dict, stage: str) -> str | None:
-    """An eval's phase: its `phase` field, else guessed from the stage name (base_eval -> base)."""
-    if ev.get("phase") in PHASES:
-        return ev["phase"]
-    parts = re.split(r"[_\-.]", stage.lower())
-    for p in reversed(parts):
-        if p in PHASES:
-            return p
-    return "sft" if "sft" in parts else ("mid" if "mid" in stage else None)
-
-
-def _norm(task: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", str(task).lower())
-
-
-def summary_table(stages: list[StageData]) -> dict[str, dict[str, float]]:
-    """{row: {phase: value}} for the summary rows; the last event wins."""
-    rows = {_norm(r): r for r in SUMMARY_ROWS}
-    out: dict[str, dict[str, float]] = {r: {} for r in SUMMARY_ROWS}
+def summary_table(stages: list[StageData]) -> dict[str, dict[str, dict]]:
+    """{row: {phase: the eval event}}: the accuracy of a chat task, the aggregate event of CORE/ChatCORE;
+    the last event wins. The phase is the event's own (an event without one is not a phase's score)."""
+    out: dict[str, dict[str, dict]] = {r: {} for r in SUMMARY_ROWS}
     for sd in stages:
-        # per-task CORE scores (in the stage that writes the CORE aggregate) are not the chat evals of
-        # the same name (arc_easy vs ARC-Easy); chat evals write `centered` too, so the aggregate decides
-        evals = sd.kind("eval")
-        core_tasks = {e.get("task") for e in evals if e.get("task") != "CORE"} \
-            if any(e.get("task") == "CORE" for e in evals) else set()
         for e in sd.kind("eval"):
-            if e.get("task") in core_tasks:
-                continue
-            row = rows.get(_norm(e.get("task", "")))
-            ph = phase_of(e, sd.name)
-            if row is None or ph is None:
-                continue
-            metric = e.get("metric")
-            if row == "CORE" and metric != "core":
-                continue  # per-task CORE numbers live in the base_eval section
-            if row not in ("CORE", "ChatCORE") and metric not in ("acc", None):
-                continue
-            try:
-                out[row][ph] = as_float(e["value"])
-            except (KeyError, TypeError, ValueError):
-                continue
+            row, ph = e.get("task"), e.get("phase")
+            if row in out and ph in PHASES and e.get("metric") == AGGREGATES.get(row, "acc"):
+                out[row][ph] = e
     return out
+
+
+def completeness(e: dict) -> str:
+    """'complete', or 'partial: ...' naming what is missing, of an aggregate (or bpb) event."""
+    if not e.get("partial"):
+        return "complete" + (f" ({e['n']} tasks)" if isinstance(e.get("n"), int) else "")
+    if e.get("metric") == "bpb":
+        return f"partial: {_fmt(e.get('tokens'), 'int')} of the {_fmt(e.get('tokens_requested'), 'int')} tokens asked " \
+               "(the split ran out)"
+    missing = e.get("missing") or []
+    return f"partial: {e.get('n', '?')} tasks, missing {', '.join(missing) if missing else '?'}"
 
 
 # ------------------------------------------------------------------------------------ formatting
@@ -290,11 +151,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 # ------------------------------------------------------------------------------------ the report
 
-def _load(run_dir: Path):
+def _load(run_dir: Path, state: dict | None = None):
     import json
     import tomllib
     try:
-        state = json.loads((run_dir / "state.json").read_text())
+        state = state or json.loads((run_dir / "state.json").read_text())
     except (FileNotFoundError, ValueError):
         state = {"run_id": run_dir.name, "stages": []}
     try:
@@ -343,26 +204,23 @@ def _header(run_dir: Path, state: dict, config: dict, stages: list[StageData]) -
     if code:
         per = ", ".join(f"{k}: {v['files']} files / {v['lines']:,} lines" for k, v in code.get("by_ext", {}).items())
         L.append(f"- Code: {code.get('files', 0)} files, {code.get('lines', 0):,} lines ({per})")
-    L += _cost(config, sysi, wall)
+    L += _cost(config, sysi, [span for sd in stages for span in sd.spans])
     return L, wall
 
 
-def _cost(config: dict, sysi: dict, wall: float | None) -> list[str]:
+def _cost(config: dict, sysi: dict, spans: list[tuple[float, float]]) -> list[str]:
+    """GPU-hours of the stages that ran (the union of their attempts) x the rate, and where the rate is from."""
     run = config.get("run", {})
     gpus = sysi.get("gpus") or []
-    nnodes = int(run.get("nnodes", 1) or 1)
-    hours = (wall or 0.0) / 3600
-    override = run.get("gpu_hourly_usd", -1)
-    if not gpus:
-        return [f"- Cost: $0.00 (CPU only, no GPU time; wall-clock {fmt_duration(wall)})"]
-    n = len(gpus) * nnodes
-    if isinstance(override, (int, float)) and override >= 0:
-        rate, src = float(override), "run.gpu_hourly_usd"
-    else:
-        rate, src = gpu_hourly_rate(gpus[0]["name"]), f"typical {gpus[0]['name']} price"
+    if not gpus or run.get("device") == "cpu":
+        return [f"- Cost: $0.00 (CPU only, no GPU time; stages ran {fmt_duration(run_cost(spans, 0, 0.0)[0])})"]
+    n = int(run.get("nproc_per_node", len(gpus)) or len(gpus)) * int(run.get("nnodes", 1) or 1)
+    rate, source = hourly_rate(config, gpus[0]["name"])
     if rate is None:
-        return [f"- Cost: unknown (no price for {gpus[0]['name']}; set run.gpu_hourly_usd)"]
-    return [f"- Cost: ${rate * n * hours:,.2f} = {n} GPUs × ${rate:.2f}/GPU-hour ({src}) × {hours:.2f} h wall-clock"]
+        return [f"- Cost: unknown ({source})"]
+    seconds, usd = run_cost(spans, n, rate)
+    return [f"- Cost: ${usd:,.2f} = {n * seconds / 3600:.2f} GPU-hours ({n} GPUs × {seconds / 3600:.2f} h of stages "
+            f"running) × ${rate:.2f}/GPU-hour ({source})"]
 
 
 def _stage_section(sd: StageData, st: dict | None) -> list[str]:
@@ -410,52 +268,73 @@ def _stage_section(sd: StageData, st: dict | None) -> list[str]:
     return L
 
 
+def _note(e: dict) -> str:
+    """What to know about one eval value: partial or complete (aggregates, bpb), its data, cropping."""
+    notes = []
+    if e.get("metric") in AGGREGATES.values() or e.get("metric") == "bpb" and "tokens" in e:
+        notes.append(completeness(e))
+    if e.get("source"):
+        notes.append(str(e["source"]))
+    if e.get("cropped"):
+        notes.append(f"{e['cropped']} example(s) cropped to the model's context")
+    return "; ".join(notes)
+
+
 def _evals(sd: StageData) -> list[str]:
     evs = sd.kind("eval")
     if not evs:
         return []
-    if sd.name.startswith("base_eval") or any(e.get("metric") == "centered" for e in evs):
-        # CORE: one row per task with its accuracy and centered score
+    out = []
+    if any(e.get("metric") == "centered" for e in evs):
+        # per-task accuracy with its centred score, its data source and any cropping, one row per task
         tasks: dict[str, dict] = {}
         for e in evs:
-            tasks.setdefault(str(e.get("task")), {})[e.get("metric")] = e.get("value")
-        rows = [[t, fmt_value(m.get("acc", "-")), fmt_value(m.get("centered", "-"))]
-                for t, m in tasks.items() if "core" not in m and t != "val"]
-        out = []
-        if rows:
-            out += _table(["Task", "Accuracy", "Centered"], rows) + [""]
-        rest = [e for e in evs if e.get("metric") not in ("acc", "centered")]
-        if rest:
-            out += _table(["Eval", "Metric", "Value"],
-                          [[e.get("task"), e.get("metric"), fmt_value(e.get("value"))] for e in rest]) + [""]
-        return out
+            if e.get("metric") in ("acc", "centered"):
+                tasks.setdefault(str(e.get("task")), {})[e["metric"]] = e
+        rows = [[t, fmt_value(m["acc"]["value"]) if "acc" in m else "-",
+                 fmt_value(m["centered"]["value"]) if "centered" in m else "-", _note(m.get("acc", {}))]
+                for t, m in tasks.items()]
+        out += _table(["Task", "Accuracy", "Centered", "Notes"], rows) + [""]
+        evs = [e for e in evs if e.get("metric") not in ("acc", "centered")]
     last: dict[tuple, dict] = {}
     for e in evs:  # one row per (task, metric, text), the last value; bpb curves keep their last point
         last[(e.get("task"), e.get("metric"), e.get("text"))] = e
-    rows = [[t + (f" ({x})" if x else ""), m, fmt_value(e.get("value")) + (f" @ step {e['step']}" if e.get("step") else "")]
-            for (t, m, x), e in last.items()]
-    return _table(["Eval", "Metric", "Value"], rows) + [""]
+    rows = [[t + (f" ({x})" if x else ""), m, fmt_value(e.get("value")) + (f" @ step {e['step']}" if e.get("step") else ""),
+             _note(e)] for (t, m, x), e in last.items()]
+    return out + (_table(["Eval", "Metric", "Value", "Notes"], rows) + [""] if rows else [])
 
 
-def build_report(run_dir) -> str:
+def summary_section(stages: list[StageData]) -> list[str]:
+    """The seed's table (rows x phases), then one line per aggregate saying complete or partial."""
+    table = summary_table(stages)
+
+    def cell(e: dict | None) -> str:
+        return "-" if e is None else fmt_value(e["value"]) + (" (partial)" if e.get("partial") else "")
+    L = _table(["Metric", *(p.upper() for p in PHASES)],
+               [[row, *(cell(table[row].get(p)) for p in PHASES)] for row in SUMMARY_ROWS])
+    flags = [f"- {row} {p.upper()}: {completeness(table[row][p])}" for row in AGGREGATES for p in PHASES
+             if p in table[row]]
+    return L + (["", *flags] if flags else [])
+
+
+def build_report(run_dir, state: dict | None = None) -> str:
+    """The markdown of report.md; `state` is the run's state.json unless given (the driver's, as it exits)."""
     run_dir = Path(run_dir)
-    state, config, stages = _load(run_dir)
+    state, config, stages = _load(run_dir, state)
     by_name = {s["name"]: s for s in state.get("stages", [])}
     L, wall = _header(run_dir, state, config, stages)
-    L += ["", "## Summary", ""]
-    table = summary_table(stages)
-    L += _table(["Metric", *(p.upper() for p in PHASES)],
-                [[row, *(fmt_value(table[row][p]) if p in table[row] else "-" for p in PHASES)] for row in SUMMARY_ROWS])
+    L += ["", "## Summary", ""] + summary_section(stages)
     L += ["", f"Total wall-clock time: {fmt_duration(wall)}", ""]
     for sd in stages:
         L += _stage_section(sd, by_name.get(sd.name))
     return "\n".join(L).rstrip() + "\n"
 
 
-def write_report(run_dir) -> Path:
-    """Build `<run_dir>/report.md` (atomically) and return its path."""
+def write_report(run_dir, state: dict | None = None) -> Path:
+    """Build `<run_dir>/report.md` (atomically) and return its path: the driver, `nanochat report` and the
+    TUI's export all call this."""
     path = Path(run_dir) / REPORT_FILE
-    atomic_write(path, build_report(run_dir))
+    atomic_write(path, build_report(run_dir, state))
     return path
 
 

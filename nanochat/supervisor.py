@@ -752,7 +752,7 @@ def drive(run_dir) -> int:
     with state_txn(run_dir) as st:
         st["driver"] = me
         if not st.get("system"):
-            from nanochat.report import system_info
+            from nanochat.system import system_info
             st["system"] = system_info()
     _log(f"driver {os.getpid()} attached to run {run_dir.name}")
 
@@ -763,6 +763,7 @@ def drive(run_dir) -> int:
             if nxt is None or nxt["status"] in ("failed", "stopped") or \
                     (nxt["status"] == "pending" and (st["stop_requested"] or term["at"])):
                 st["driver"] = None
+                _write_report(run_dir, {**st, "status": run_status(st)})  # before the driver counts as gone
                 os.close(lock_fd)  # released before the state lock, so a client may start a new driver at once
                 _log(f"driver exits: run {run_status(st)}")
                 return 0
@@ -788,6 +789,15 @@ def drive(run_dir) -> int:
                 st["stop_requested"] = True
             _finish_stage(run_dir, s, rc, st["stop_requested"])
             _log(f"stage {s['name']} {s['status']}: {describe_exit(rc)}" + (f" - {s['error']}" if s["error"] else ""))
+
+
+def _write_report(run_dir: Path, st: dict):
+    """The run's report card, as the seed's speedrun ends with it; a report bug must not fail the driver."""
+    try:
+        from nanochat.report import write_report
+        write_report(run_dir, state=st)
+    except Exception as e:
+        _log(f"report.md not written: {type(e).__name__}: {e}")
 
 
 def _wait(run_dir: Path, stage: dict, popen: subprocess.Popen | None, term: dict) -> int | None:

@@ -4,9 +4,11 @@
     torchrun --nproc_per_node=8 -m stages.base_eval --run-dir DIR
 
 The bundle is `base_eval.bundle_dir`, or <base>/eval_bundle, downloaded there when missing (see
-nanochat/core_eval.py for the layout; ../shared/data/core_icl is one). Events: per CORE task an `eval`
-with metric "acc" and one with "centered", then task "CORE" metric "core" (with `partial` and
-`missing` when the bundle lacks tasks), task "val" metric "bpb", and `sample` events.
+nanochat/core_eval.py for the layout; ../shared/data/core_icl is one). Events (all with `phase`): per
+CORE task an `eval` with metric "acc" (with `source`, its data file, and `cropped`) and one with
+"centered", then task "CORE" metric "core" (with `partial` and the `missing` tasks), tasks "train" and
+"val" metric "bpb" (with `tokens`, `tokens_requested`, and `partial` when the split ran out first), and
+`sample` events.
 """
 from __future__ import annotations
 
@@ -62,22 +64,33 @@ def resolve_bundle(ctx: StageContext) -> Path | None:
     return path
 
 
-def val_bpb(ctx: StageContext, model, tokenizer) -> float | None:
+def split_bpb(ctx: StageContext, model, tokenizer) -> dict:
+    """Bits per byte on the train and the val split, as the reference's base_eval: `bpb_tokens` per split
+    from the start of its files, one pass (a split with fewer tokens gives what it has, and says so)."""
     from nanochat.config import check_data_dir
-    from nanochat.dataloader import PackingLoader
+    from nanochat.dataloader import eval_batches
     from nanochat.dataset import data_files
-    from nanochat.loss_eval import evaluate_bpb
-    try:
-        files = data_files(check_data_dir(ctx.cfg), "val")
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print0(f"val bpb skipped: {e}")
-        ctx.events.emit("log", message=f"val bpb skipped: {e}")
-        return None
-    B, T = ctx.cfg["base_train"]["device_batch_size"], model.config.sequence_len
-    steps = max(1, ctx.cfg["base_eval"]["bpb_tokens"] // (B * T * ctx.dist.world_size))
-    loader = PackingLoader(tokenizer, files, B, T, ctx.dist.rank, ctx.dist.world_size, ctx.dist.device)
+    from nanochat.loss_eval import bits_per_byte
+    B, T, world = ctx.cfg["base_train"]["device_batch_size"], model.config.sequence_len, ctx.dist.world_size
+    wanted = ctx.cfg["base_eval"]["bpb_tokens"]
+    steps = max(1, wanted // (B * T * world))
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=ctx.dist.device)
-    return evaluate_bpb(model, loader, steps, token_bytes)
+    out = {}
+    for split in ("train", "val"):
+        try:
+            files = data_files(check_data_dir(ctx.cfg), split)
+            batches = eval_batches(tokenizer, files, B, T, ctx.dist.rank, world, ctx.dist.device)
+            r = bits_per_byte(model, batches, steps, token_bytes)
+        except (ConfigError, ValueError, FileNotFoundError) as e:
+            print0(f"{split} bpb skipped: {e}")
+            ctx.events.emit("log", message=f"{split} bpb skipped: {e}")
+            continue
+        r["tokens_requested"] = steps * B * T * world
+        short = r["tokens"] < r["tokens_requested"]
+        print0(f"{split} bpb: {r['bpb']:.4f} over {r['tokens']:,} tokens"
+               + (f" (fewer than the {r['tokens_requested']:,} asked: the split ran out)" if short else ""))
+        out[split] = r
+    return out
 
 
 def main(ctx: StageContext) -> dict:
@@ -93,9 +106,11 @@ def main(ctx: StageContext) -> dict:
     bundle = resolve_bundle(ctx)
 
     def on_task(label, r):
-        print0(f"{label:<34} acc {r['acc']:.4f}  centred {r['centered']:+.4f}  (n={r['n']}, {r['seconds']:.1f}s)")
+        print0(f"{label:<34} acc {r['acc']:.4f}  centred {r['centered']:+.4f}  (n={r['n']}, {r['seconds']:.1f}s)"
+               + (f"  {r['cropped']} cropped to the model's context" if r["cropped"] else ""))
         common = dict(step=step, phase=phase, n=r["n"], shots=r["shots"], random_baseline=r["random_baseline"])
-        ev.eval(task=label, metric="acc", value=r["acc"], centered=r["centered"], **common)
+        ev.eval(task=label, metric="acc", value=r["acc"], centered=r["centered"], source=r["source"],
+                cropped=r["cropped"], **common)
         ev.eval(task=label, metric="centered", value=r["centered"], **common)
 
     t0 = time.time()
@@ -110,20 +125,22 @@ def main(ctx: StageContext) -> dict:
         print0(f"CORE: {res['core']:.4f} over {len(res['tasks'])} tasks in {time.time() - t0:.1f}s "
                f"(max {max_per_task} per task; baselines from {res['baselines_file']})")
         ev.eval(task="CORE", metric="core", value=res["core"], step=step, phase=phase, partial=res["partial"],
-                missing=res["missing"], n=len(res["tasks"]), baselines_file=res["baselines_file"])
+                missing=res["missing"], n=len(res["tasks"]), baselines_file=res["baselines_file"],
+                cropped=res["cropped"])
     core_s = time.time() - t0
 
-    bpb = None if ctx.stop_requested else val_bpb(ctx, model, tokenizer)
-    if bpb is not None:
-        print0(f"val bpb: {bpb:.4f}")
-        ev.eval(task="val", metric="bpb", value=bpb, step=step, phase=phase)
+    bpb = {} if ctx.stop_requested else split_bpb(ctx, model, tokenizer)
+    for split, r in bpb.items():
+        ev.eval(task=split, metric="bpb", value=r["bpb"], step=step, phase=phase, tokens=r["tokens"],
+                tokens_requested=r["tokens_requested"], partial=r["tokens"] < r["tokens_requested"])
 
     if ctx.dist.master and not ctx.stop_requested:
         for prompt in SAMPLE_PROMPTS:
             text = sample_greedy(model, tokenizer, prompt, 16, device)
             print0(f"{prompt!r} -> {text!r}")
             ev.sample(prompt=prompt, text=text, step=step, phase=phase)
-    return {"core": res["core"], "partial": res["partial"], "missing": res["missing"], "val_bpb": bpb,
+    return {"core": res["core"], "partial": res["partial"], "missing": res["missing"],
+            **{f"{split}_bpb": r["bpb"] for split, r in bpb.items()},
             "core_tasks": {k: v["centered"] for k, v in res["tasks"].items()}, "max_per_task": max_per_task,
             "core_seconds": round(core_s, 2), "checkpoint_step": step, "phase": phase}
 

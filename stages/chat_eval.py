@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=8 -m stages.chat_eval --run-dir DIR -i mid
 
 Defaults come from the [chat_eval] config section; the flags override them. A task whose data is
-neither on disk nor downloadable is reported by name and left out (ChatCORE is then `partial`).
+neither on disk nor downloadable is reported by name and left out (ChatCORE is then `partial`, with
+every task of the six that did not run named in `missing`).
 Events: per task an `eval` with metric "acc" and one with "centered" (phase = the -i source), then
 task "ChatCORE" metric "chatcore".
 """
@@ -74,7 +75,8 @@ def main(ctx: StageContext) -> dict:
 
     def on_task(name, r):
         print0(f"{name:<14} acc {r['acc']:.4f}  centred {r['centered']:+.4f}  (n={r['n']}, {r['seconds']:.1f}s)")
-        ev.eval(task=name, metric="acc", value=r["acc"], centered=r["centered"], n=r["n"], step=step, phase=phase)
+        ev.eval(task=name, metric="acc", value=r["acc"], centered=r["centered"], n=r["n"], step=step, phase=phase,
+                **({"source": r["source"]} if r.get("source") else {}))
         ev.eval(task=name, metric="centered", value=r["centered"], n=r["n"], step=step, phase=phase)
 
     t0 = time.time()
@@ -84,8 +86,8 @@ def main(ctx: StageContext) -> dict:
                                   top_k=top_k or None)
     print0(chat_eval.format_table(res))
     ev.eval(task="ChatCORE", metric="chatcore", value=res["chatcore"], step=step, phase=phase,
-            partial=res["partial"], missing=missing, n=len(res["tasks"]))
-    return {"chatcore": res["chatcore"], "partial": res["partial"], "missing": missing, "phase": phase,
+            partial=res["partial"], missing=res["missing"], n=len(res["tasks"]))
+    return {"chatcore": res["chatcore"], "partial": res["partial"], "missing": res["missing"], "phase": phase,
             "checkpoint_step": step, "accuracy": {k: v["acc"] for k, v in res["tasks"].items()},
             "max_problems": max_problems, "eval_seconds": round(time.time() - t0, 2)}
 

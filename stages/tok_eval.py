@@ -83,7 +83,7 @@ def main(ctx: StageContext) -> dict:
             raise RuntimeError(f"the tokenizer does not round-trip the {kind!r} text")
         nbytes = len(text.encode("utf-8"))
         ratio = nbytes / max(1, len(ids))
-        ctx.events.eval(task="compression", metric="bytes_per_token", value=round(ratio, 4), text=kind,
+        ctx.events.eval(task="compression", metric="bytes_per_token", value=round(ratio, 4), phase=None, text=kind,
                         bytes=nbytes, tokens=len(ids))
         summary[f"bytes_per_token_{kind}"] = round(ratio, 4)
         print(f"[tok_eval] {kind:>12}: {nbytes:>9,} bytes {len(ids):>8,} tokens {ratio:6.2f} bytes/token", flush=True)

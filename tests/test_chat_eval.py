@@ -107,7 +107,7 @@ def make_tasks(root: Path) -> dict:
             "ARC-Challenge": ARC("ARC-Challenge", path=arc / "arc_challenge.jsonl"),
             "MMLU": MMLU(path=root / "mmlu"), "GSM8K": GSM8K(path=root / "gsm8k" / "test.jsonl"),
             "HumanEval": HumanEval(path=root / "humaneval" / "HumanEval.jsonl.gz", timeout=5),
-            "SpellingBee": SpellingBee(size=12, words_path=root / "english_words" / "words_alpha.zip")}
+            "SpellingBee": SpellingBee(size=12, split="test", words_path=root / "english_words" / "words_alpha.zip")}
 
 
 def gold_letter(tasks):
@@ -153,19 +153,28 @@ def test_categorical_scoring_exact(tasks):
     three = [c for c in tasks["ARC-Easy"]]
     assert all(len(c["letters"]) == 4 for c in three)
     out = ch.evaluate_chat_task(tasks["ARC-Easy"], LetterModel(lambda s: "E"), tok)
-    assert out == [c["messages"][1]["content"] == "A" for c in tasks["ARC-Easy"]]
+    assert out == [tasks["ARC-Easy"][i]["messages"][1]["content"] == "A" for i in ch.problem_order(tasks["ARC-Easy"])]
 
 
-def test_categorical_truncates_from_the_left(tasks):
+def test_categorical_cuts_only_past_what_the_model_can_forward(tasks):
     class Short(LetterModel):
-        config = type("C", (), {"sequence_len": 40})
+        max_seq_len = 40  # a model that cannot forward more (nanochat's GPT forwards 10x its training context)
 
         def forward(self, ids):
             assert ids.shape[1] <= 40
             return super().forward(ids)
+
+    class Long(LetterModel):
+        config = type("C", (), {"sequence_len": 40})  # trained on 40, but no limit stated: nothing is cut
+
+        def forward(self, ids):
+            assert ids.shape[1] > 40
+            return super().forward(ids)
     # the kept tail still ends with the instruction, so a model reading the last tokens still answers
-    out = ch.evaluate_chat_task(tasks["ARC-Easy"], Short(lambda s: "B"), ChatTok())
-    assert out == [c["messages"][1]["content"] == "B" for c in tasks["ARC-Easy"]]
+    order = ch.problem_order(tasks["ARC-Easy"])
+    for model in (Short(lambda s: "B"), Long(lambda s: "B")):
+        out = ch.evaluate_chat_task(tasks["ARC-Easy"], model, ChatTok())
+        assert out == [tasks["ARC-Easy"][i]["messages"][1]["content"] == "B" for i in order]
 
 
 def test_generative_scoring_exact(tasks):
@@ -177,13 +186,16 @@ def test_generative_scoring_exact(tasks):
         assert eng.calls == len(t)
     gsm = tasks["GSM8K"]
     zero = ch.evaluate_chat_task(gsm, None, tok, engine=ScriptedEngine(lambda s, k: "I think\n#### 0"))
-    assert zero == [c["messages"][1]["content"][-1]["text"].endswith("#### 0") for c in gsm] and sum(zero) == 1
+    assert zero == [gsm[i]["messages"][1]["content"][-1]["text"].endswith("#### 0") for i in ch.problem_order(gsm)]
+    assert sum(zero) == 1
     # pass@k: right only on the second sample
     second = ScriptedEngine(lambda s, k: gold_answer(tasks)(s, k) if k == 1 else "no idea")
     assert not any(ch.evaluate_chat_task(gsm, None, tok, engine=second, num_samples=1))
     assert all(ch.evaluate_chat_task(gsm, None, tok, engine=second, num_samples=2))
     wrong_code = ScriptedEngine(lambda s, k: "```python\ndef plus0(x):\n    return x\n```")
-    assert ch.evaluate_chat_task(tasks["HumanEval"], None, tok, engine=wrong_code) == [True, False, False]
+    he = tasks["HumanEval"]
+    assert ch.evaluate_chat_task(he, None, tok, engine=wrong_code) == \
+        [he[i]["entry_point"] == "plus0" for i in ch.problem_order(he)]
 
 
 def test_run_chat_eval_and_chatcore(tasks):
@@ -195,19 +207,39 @@ def test_run_chat_eval_and_chatcore(tasks):
     res = ch.run_chat_eval(LetterModel(lambda s: "A"), tok, list(ch.ALL_TASKS), tasks=tasks,
                            engine=ScriptedEngine(lambda s, k: "#### 0"), max_problems=8)
     arc_a = sum(g == 0 for _, _, g in QUESTIONS[:10]) / 10
-    sub = ch.subset_indices(10, 8)
+    sub = ch.problem_order(tasks["ARC-Easy"], 8)
     arc_a8 = sum(QUESTIONS[i][2] == 0 for i in sub) / 8
-    mmlu_a = sum(QUESTIONS[i][2] == 0 for i in ch.subset_indices(8, 8)) / 8
+    mmlu_a = sum(QUESTIONS[i][2] == 0 for i in ch.problem_order(tasks["MMLU"], 8)) / 8
     assert res["tasks"]["ARC-Easy"]["n"] == 8 and res["tasks"]["ARC-Easy"]["acc"] == pytest.approx(arc_a8)
     assert res["tasks"]["MMLU"]["acc"] == pytest.approx(mmlu_a) and arc_a > 0
     assert res["tasks"]["ARC-Easy"]["centered"] == pytest.approx((arc_a8 - 0.25) / 0.75)
     assert res["tasks"]["GSM8K"]["acc"] == pytest.approx(1 / 5) and res["tasks"]["GSM8K"]["centered"] == pytest.approx(0.2)
-    spelling = sum(tasks["SpellingBee"][i]["count"] == 0 for i in ch.subset_indices(12, 8)) / 8
+    spelling = sum(tasks["SpellingBee"][i]["count"] == 0 for i in range(8)) / 8  # not shuffled: the first 8
     assert res["tasks"]["SpellingBee"]["acc"] == pytest.approx(spelling) and res["tasks"]["HumanEval"]["acc"] == 0
     expected = [(arc_a8 - .25) / .75, (arc_a8 - .25) / .75, (mmlu_a - .25) / .75, 0.2, 0.0, spelling]
     assert res["chatcore"] == pytest.approx(sum(expected) / 6)
     part = ch.run_chat_eval(LetterModel(lambda s: "A"), tok, ["MMLU"], tasks=tasks)
-    assert part["partial"] and "partial" in ch.format_table(part)
+    assert part["partial"] and part["missing"] == ["ARC-Easy", "ARC-Challenge", "GSM8K", "HumanEval", "SpellingBee"]
+    assert "partial: missing ARC-Easy, ARC-Challenge, GSM8K, HumanEval, SpellingBee" in ch.format_table(part)
+
+
+def test_problem_order_is_the_reference_one():
+    import numpy as np
+    from nanochat.tasks.common import Task
+
+    class Shuffled(Task):
+        shuffled = True
+
+        def num_examples(self):
+            return 6
+
+    class Plain(Shuffled):
+        shuffled = False
+    # HF datasets' shuffle(seed=42) order, which the reference reads ARC, MMLU, GSM8K and HumanEval in
+    assert ch.problem_order(Shuffled()) == np.random.default_rng(42).permutation(6).tolist() == [3, 2, 5, 4, 1, 0]
+    assert ch.problem_order(Shuffled(), 3) == [3, 2, 5] and ch.problem_order(Plain(), 3) == [0, 1, 2]
+    assert ch.problem_order(Plain(), -1) == list(range(6))
+    assert GSM8K.shuffled and HumanEval.shuffled and ARC.shuffled and MMLU.shuffled and not SpellingBee.shuffled
 
 
 def test_parse_tasks():
@@ -272,7 +304,7 @@ def test_chat_eval_stage(tiny_run, tmp_path, monkeypatch):
     from conftest import run_stage
     from nanochat.events import read_events
     run_dir, base = tiny_run
-    run_stage("stages.base_train", run_dir, "--set", "base_train.num_iterations=4", "--set", "base_train.eval_every=-1",
+    run_stage("stages.base_train", run_dir, "--set", "base_train.num_iterations=4", "--set", "base_train.eval_every=0",
               base_dir=base)
     make_tasks(tmp_path / "data")
     monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path / "data"))  # stage_env passes os.environ on

@@ -19,7 +19,7 @@ import torch
 from nanochat import core_eval as ce
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as SHARED  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- stand-ins
@@ -144,6 +144,11 @@ def make_bundle(root: Path, eval_data_layout=False) -> Path:
     return root
 
 
+def right(model, data, spec, **kw) -> list[bool]:
+    """Per-example correctness (evaluate_task also says which examples were cropped)."""
+    return [ok for ok, _ in ce.evaluate_task(model, ByteTok(), data, spec, **kw)]
+
+
 def spec_of(label, bundle):
     specs, _, _ = ce.load_bundle(bundle)
     return next(s for s in specs if s.label == label)
@@ -176,7 +181,7 @@ def test_choice_tasks_score_exactly(bundle, label):
                             (ending_model(data, spec.delimiter, lambda it: 0), frac_gold0),
                             (ending_model(data, spec.delimiter, lambda it: 1), sum(it["gold"] == 1 for it in data) / len(data)),
                             (UNIFORM, frac_gold0)]:  # no preference: ties go to the first choice
-        outcomes = ce.evaluate_task(model, ByteTok(), data, spec)
+        outcomes = right(model, data, spec)
         assert len(outcomes) == len(data)
         assert sum(outcomes) / len(outcomes) == pytest.approx(expected, abs=1e-12)
 
@@ -185,11 +190,11 @@ def test_choice_tasks_score_exactly(bundle, label):
 def test_lm_tasks_score_exactly(bundle, label):
     spec = spec_of(label, bundle)
     data = ce.load_task_data(spec)
-    assert all(ce.evaluate_task(ALWAYS, ByteTok(), data, spec))
-    assert not any(ce.evaluate_task(UNIFORM, ByteTok(), data, spec))
+    assert all(right(ALWAYS, data, spec))
+    assert not any(right(UNIFORM, data, spec))
     # right only when the text ends with an odd number: exact per-example agreement
     odd = Oracle(lambda t: t[-1] in "13579" and t.endswith(tuple(it["continuation"] for it in data)))
-    assert ce.evaluate_task(odd, ByteTok(), data, spec) == [int(it["continuation"]) % 2 == 1 for it in data]
+    assert right(odd, data, spec) == [int(it["continuation"]) % 2 == 1 for it in data]
 
 
 def test_evaluate_core_accuracy_centering_and_partial(bundle):
@@ -217,7 +222,8 @@ def test_evaluate_core_accuracy_centering_and_partial(bundle):
     assert "squad" in table and "missing" in table and "partial: 5 of 22" in table
 
     sub = ce.evaluate_core(UNIFORM, ByteTok(), bundle, tasks=["copa", "squad"], max_per_task=5)
-    assert list(sub["tasks"]) == ["copa"] and sub["missing"] == ["squad"] and sub["partial"]
+    # CORE over one task is partial: every other CORE task is named missing (squad, absent, among them)
+    assert list(sub["tasks"]) == ["copa"] and sub["partial"] and sub["missing"] == [t for t in ce.CORE_TASKS if t != "copa"]
     assert sub["tasks"]["copa"]["n"] == 5
     with pytest.raises(ce.BundleError, match="unknown CORE task.*nope"):
         ce.evaluate_core(UNIFORM, ByteTok(), bundle, tasks=["nope"])
@@ -230,44 +236,76 @@ def test_centered():
     assert ce.centered(0.0, 25) == pytest.approx(-1 / 3)
 
 
-def test_truncation_keeps_the_scored_end(bundle):
-    spec = spec_of("arc_easy", bundle)  # 3 shots: prompts ~150 bytes, cut to 56 (the question and its answer survive)
-    data = ce.load_task_data(spec)
+def test_truncation_only_past_the_context_and_counted(bundle):
+    spec = spec_of("arc_easy", bundle)  # 3 shots: prompts ~150 bytes
+    data = ce.prepare_task(ce.load_task_data(spec))
     gold = ending_model(data, spec.delimiter, lambda it: it["gold"])
-    assert all(ce.evaluate_task(gold, ByteTok(), data, spec, max_len=56))
-    assert all(ce.score_example(gold, ByteTok(), data, i, spec, "cpu", max_len=56) for i in range(len(data)))
+    assert ce.evaluate_task(gold, ByteTok(), data, spec, max_len=4096) == [(True, False)] * len(data)
+    # cut to 56 (from the left: the question and its answer survive) - and every example says so
+    assert ce.evaluate_task(gold, ByteTok(), data, spec, max_len=56) == [(True, True)] * len(data)
+    longest = max(len(ByteTok().encode(p, prepend=256)) for j in range(len(data)) for p in ce.build_prompts(data, j, spec))
+    outcomes = ce.evaluate_task(gold, ByteTok(), data, spec, max_len=longest - 1)
+    assert 1 <= sum(c for _, c in outcomes) < len(data) and all(ok for ok, _ in outcomes)
+    res = ce.evaluate_core(gold, ByteTok(), bundle, tasks=["arc_easy"], max_len=longest - 1)
+    assert res["tasks"]["arc_easy"]["cropped"] == res["cropped"] == sum(c for _, c in outcomes)
+    assert "cropped to the model's context" in ce.format_table(res)
 
 
-def test_max_per_task_is_a_fixed_subset():
-    assert ce.subset_indices(5, -1) == [0, 1, 2, 3, 4]
-    assert ce.subset_indices(5, 10) == [0, 1, 2, 3, 4]
-    s = ce.subset_indices(100, 7)
-    assert len(set(s)) == 7 and s == ce.subset_indices(100, 7) and s != list(range(7))
+def test_the_model_context_is_what_it_can_forward():
+    from nanochat.gpt import GPT, GPTConfig
+    cfg = GPTConfig(sequence_len=64, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert ce.model_max_len(model) == 640  # rotary tables for 10x the training context: no cut at 64
 
 
-# ----------------------------------------------------------------------------- prompts
+def test_task_order_and_shots_for_a_five_item_task():
+    items = [{"context": f"q{i}", "continuation": f"a{i}"} for i in range(5)]
+    # always shuffled with Random(1337), full run or not; --max-per-task N keeps the first N of that order
+    order = [it["context"] for it in ce.prepare_task(items)]
+    assert order == ["q1", "q0", "q3", "q2", "q4"]
+    assert [it["context"] for it in ce.prepare_task(items, 3)] == ["q1", "q0", "q3"]
+    assert ce.prepare_task(items, -1) == ce.prepare_task(items)
+    # shots of position j: Random(1234 + j).sample of the other positions, in draw order
+    assert [ce.fewshot_indices(5, j, 2) for j in range(5)] == [[4, 1], [4, 3], [4, 3], [1, 4], [0, 1]]
+    assert [ce.fewshot_indices(3, j, 2) for j in range(3)] == [[2, 1], [2, 0], [1, 0]]  # of the first 3 only
+    assert ce.fewshot_indices(5, 0, 0) == [] and sorted(ce.fewshot_indices(5, 2, 10)) == [0, 1, 3, 4]
+    spec = ce.TaskSpec("bigbench_operators", "language_modeling", 2, " ", 0.0, None)
+    data = ce.prepare_task(items, 3)  # q1 q0 q3: position 0's shots are positions 2, 1 (q3, q0)
+    assert ce.build_prompts(data, 0, spec) == ["q3 a3\n\nq0 a0\n\nq1", "q3 a3\n\nq0 a0\n\nq1 a1"]
 
-def test_fewshot_prompts_as_documented(bundle):
-    mc, schema, lm = make_items()
-    spec = ce.TaskSpec("arc_easy", "multiple_choice", 3, "\nAnswer: ", 25.0, None)
-    for i in range(len(mc)):
-        shots = ce.fewshot_indices(len(mc), i, 3)
-        assert len(set(shots)) == 3 and i not in shots and shots == ce.fewshot_indices(len(mc), i, 3)
-        prefix = "".join(f"{mc[j]['query']}\nAnswer: {mc[j]['choices'][mc[j]['gold']]}\n\n" for j in shots)
-        assert ce.build_prompts(mc, i, spec) == [prefix + mc[i]["query"] + "\nAnswer: " + c for c in mc[i]["choices"]]
-    # the draws differ between examples (a seeded draw per example, not one fixed set)
-    assert len({tuple(ce.fewshot_indices(12, i, 3)) for i in range(12)}) > 3
-    # two examples, one shot: the other example is the only possible demonstration
-    two = [{"context": "2+2=", "continuation": "4"}, {"context": "3+3=", "continuation": "6"}]
-    lm_spec = ce.TaskSpec("bigbench_operators", "language_modeling", 1, " ", 0.0, None)
-    assert ce.build_prompts(two, 1, lm_spec) == ["2+2= 4\n\n3+3= ", "2+2= 4\n\n3+3= 6"]
-    sch = ce.TaskSpec("winograd", "schema", 1, " ", 50.0, None)
-    assert ce.build_prompts(schema[:2], 0, sch) == [
-        schema[1]["context_options"][schema[1]["gold"]] + " " + schema[1]["continuation"] + "\n\n" + c + " " +
-        schema[0]["continuation"] for c in schema[0]["context_options"]]
-    zero = ce.TaskSpec("copa", "multiple_choice", 0, " ", 50.0, None)
-    assert ce.build_prompts(mc, 0, zero) == [mc[0]["query"] + " " + c for c in mc[0]["choices"]]
-    assert ce.fewshot_indices(1, 0, 10) == [] and sorted(ce.fewshot_indices(4, 2, 10)) == [0, 1, 3]
+
+class MergeTok(ByteTok):
+    """ByteTok, except that " 4" is one token (300): the delimiter space merges into the answer."""
+
+    def encode(self, text, prepend=None, append=None):
+        if isinstance(text, list):
+            return [self.encode(t, prepend, append) for t in text]
+        ids = super().encode(text, prepend, append)
+        out = []
+        for i in ids:
+            if out and out[-1] == ord(" ") and i == ord("4"):
+                out[-1] = 300
+            else:
+                out.append(i)
+        return out
+
+
+def test_lm_scored_span_starts_at_the_stripped_context():
+    spec = ce.TaskSpec("bigbench_operators", "language_modeling", 0, " ", 0.0, None)
+    item = [{"context": "2+2= ", "continuation": "4"}]  # trailing space in the data, stripped as the reference does
+    assert ce.build_prompts(item, 0, spec) == ["2+2=", "2+2= 4"]
+    # the delimiter is a token of its own: the model must predict " " and then "4"
+    seqs = ByteTok().encode(ce.build_prompts(item, 0, spec), prepend=256)
+    assert ce.scored_spans(seqs, spec.task_type) == ([[256, 50, 43, 50, 61, 32, 52]], [(5, 7)])
+    # merged into the answer (" 4"): one scored token
+    seqs = MergeTok().encode(ce.build_prompts(item, 0, spec), prepend=256)
+    assert ce.scored_spans(seqs, spec.task_type) == ([[256, 50, 43, 50, 61, 300]], [(5, 6)])
+    # a model right about "4" but not about the space before it is wrong
+    knows_4 = Oracle(lambda t: False)
+    knows_4.forward = lambda ids: torch.nn.functional.one_hot(torch.full(ids.shape, 52), 257).float()
+    assert ce.score_example(knows_4, ByteTok(), item, 0, spec, "cpu") == (False, False)
+    assert ce.score_example(ALWAYS, ByteTok(), item, 0, spec, "cpu") == (True, False)
 
 
 # ----------------------------------------------------------------------------- data files
@@ -416,10 +454,9 @@ def test_gold_model_on_shared_tasks():
             model = ALWAYS
         else:
             model = ending_model(data, spec.delimiter, lambda it: it["gold"])
-        idx = ce.subset_indices(len(data), 4)
-        assert all(ce.evaluate_task(model, ByteTok(), data, spec, max_per_task=4, max_len=1024)), label
-        assert ce.evaluate_task(UNIFORM, ByteTok(), data, spec, max_per_task=4, max_len=1024) == \
-            [spec.task_type != "language_modeling" and data[i]["gold"] == 0 for i in idx]
+        data = ce.prepare_task(data, 4)
+        assert ce.evaluate_task(model, ByteTok(), data, spec, max_len=1 << 20) == [(True, False)] * 4, label
+        assert right(UNIFORM, data, spec) == [spec.task_type != "language_modeling" and it["gold"] == 0 for it in data]
 
 
 # ----------------------------------------------------------------------------- multi-process
@@ -433,7 +470,7 @@ from test_core_eval import ByteTok, TinyLM
 info = compute_init("cpu")
 model, tok = TinyLM(), ByteTok()
 specs, _, _ = ce.load_bundle({bundle!r})
-out = {{s.label: ce.evaluate_task(model, tok, ce.load_task_data(s), s, max_per_task=9) for s in specs}}
+out = {{s.label: ce.evaluate_task(model, tok, ce.prepare_task(ce.load_task_data(s), 9), s) for s in specs}}
 res = ce.evaluate_core(model, tok, {bundle!r}, max_per_task=9)
 if info.rank == 0:
     json.dump({{"outcomes": out, "core": res["core"], "acc": {{k: v["acc"] for k, v in res["tasks"].items()}}}},
@@ -456,7 +493,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, bundle):
     one, two = results
     assert one == two
     # and the bigram model's outcomes are not trivial (some right, some wrong)
-    flat = [o for v in one["outcomes"].values() for o in v]
+    flat = [ok for v in one["outcomes"].values() for ok, _ in v]
     assert any(flat) and not all(flat)
 
 
@@ -473,7 +510,7 @@ def _core_events(run_dir):
 def test_base_eval_stage(tiny_run, tmp_path):
     from conftest import run_stage
     run_dir, base = tiny_run
-    run_stage("stages.base_train", run_dir, "--set", "base_train.num_iterations=6", "--set", "base_train.eval_every=-1",
+    run_stage("stages.base_train", run_dir, "--set", "base_train.num_iterations=6", "--set", "base_train.eval_every=0",
               base_dir=base)
     bundle = make_bundle(tmp_path / "bundle")
     p = run_stage("stages.base_eval", run_dir, "--bundle", str(bundle), "--max-per-task", "5",
@@ -489,7 +526,12 @@ def test_base_eval_stage(tiny_run, tmp_path):
     core = per_task[("CORE", "core")]
     assert core["partial"] and "squad" in core["missing"] and len(core["missing"]) == 17
     assert core["value"] == pytest.approx(sum(per_task[(t[0], "centered")]["value"] for t in TASKS) / 5)
-    assert per_task[("val", "bpb")]["value"] > 0
+    for split in ("train", "val"):  # both splits, as the reference; one pass, so a small split says it ran short
+        bpb = per_task[(split, "bpb")]
+        assert bpb["value"] > 0 and bpb["phase"] == "base" and bpb["tokens_requested"] == 1024
+        assert bpb["tokens"] <= 1024 and bpb["partial"] == (bpb["tokens"] < 1024)
+    assert {e["source"] for e in evals if e["metric"] == "acc" and e["task"] != "CORE"} == \
+        {f"bundle/local_data/{t[4]}" for t in TASKS}
     assert any(e["kind"] == "sample" for e in events)
     end = events[-1]
     assert end["kind"] == "end" and end["status"] == "ok" and end["core"] == core["value"]
@@ -505,8 +547,9 @@ def test_base_eval_stage(tiny_run, tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     evals2 = {(e["task"], e["metric"]): e["value"] for e in _core_events(run2) if e["kind"] == "eval"}
-    assert evals2.pop(("val", "bpb")) > 0
-    per_task.pop(("val", "bpb"))
+    for split in ("train", "val"):
+        assert evals2.pop((split, "bpb")) > 0
+        per_task.pop((split, "bpb"))
     assert evals2 == {k: e["value"] for k, e in per_task.items()}
 
 

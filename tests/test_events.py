@@ -10,7 +10,7 @@ def test_writer_schema_and_reader(tmp_path):
     ev = EventWriter(tmp_path, "base_train")
     ev.start(argv=["x"])
     ev.step(step=1, total_steps=10, loss=3.5, lrm=1.0, dt=0.1, tok_per_sec=100.0, mfu=None, tokens=10, eta_s=0.9)
-    ev.eval(task="val", metric="bpb", value=1.25, step=1)
+    ev.eval(task="val", metric="bpb", value=1.25, phase="base", step=1)
     ev.end(status="ok", num_params=123)
     ev.close()
     events, bad = read_events(tmp_path / "base_train" / "events.jsonl")

@@ -375,7 +375,7 @@ def test_real_base_train_stage_stop_and_resume(tiny_run, monkeypatch):
     run_dir, base = tiny_run
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    sets = ["base_train.num_iterations=300", "base_train.save_every=1000", "base_train.eval_every=-1"]
+    sets = ["base_train.num_iterations=300", "base_train.save_every=1000", "base_train.eval_every=0"]
     sv.init_run(run_dir, stages=[{"name": "base_train", "args": [a for s in sets for a in ("--set", s)]}])
     sv.start_run(run_dir)
     try:

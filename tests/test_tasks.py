@@ -12,12 +12,12 @@ import pytest
 from nanochat.tasks import common
 from nanochat.tasks.arc import ARC
 from nanochat.tasks.common import Task, TaskDataError
-from nanochat.tasks.gsm8k import GSM8K, extract_answer, parts_text, same_number, solution_parts
-from nanochat.tasks.humaneval import HumanEval, build_program, extract_code
+from nanochat.tasks.gsm8k import GSM8K, extract_answer, parts_text, solution_parts
+from nanochat.tasks.humaneval import HumanEval, build_program, extract_code, extract_imports
 from nanochat.tasks.mmlu import MMLU
-from nanochat.tasks.spellingbee import DEFAULT_WORDS, SimpleSpelling, SpellingBee
+from nanochat.tasks.spellingbee import DEFAULT_WORDS, TEMPLATES, SimpleSpelling, SpellingBee
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as SHARED  # noqa: E402
 
 
 def needs(*parts):
@@ -131,13 +131,12 @@ def test_mmlu_shared_counts():
 # ----------------------------------------------------------------------------- GSM8K
 
 def test_gsm8k_extraction_made_up():
+    # the reference's rule: the first "#### " (one space), then digits, '.', ',' and a leading '-'; commas dropped
     assert extract_answer("so 5 + 4 = 9\n#### 9") == "9"
-    assert extract_answer("#### 1,234,567") == "1234567"
-    assert extract_answer("#### -3.5 apples") == "-3.5"
-    assert extract_answer("#### $12") == "12"
-    assert extract_answer("first #### 4 then #### 5") == "5"
+    assert extract_answer("#### 1,234,567") == "1234567" and extract_answer("#### -3.5 apples") == "-3.5"
+    assert extract_answer("#### $12") is None and extract_answer("####12") is None
+    assert extract_answer("first #### 4 then #### 5") == "4"
     assert extract_answer("the answer is 9") is None and extract_answer("#### nine") is None
-    assert same_number("18", "18.00") and not same_number("18", "19") and not same_number(None, "1")
     parts = solution_parts("He has 2*3 = <<2*3=6>>6 cats and 6+1=<<6+1=7>>7.\n#### 7")
     assert [p["type"] for p in parts] == ["text", "python", "python_output", "text", "python", "python_output", "text"]
     assert parts[1]["text"] == "2*3" and parts[2]["text"] == "6" and parts[-1]["text"] == "7.\n#### 7"
@@ -145,14 +144,24 @@ def test_gsm8k_extraction_made_up():
     assert solution_parts("no tools #### 3") == [{"type": "text", "text": "no tools #### 3"}]
 
 
-def test_gsm8k_task_made_up(tmp_path):
+def gsm8k_of(tmp_path, answer: str):
     p = tmp_path / "test.jsonl"
-    p.write_text(json.dumps({"question": "2 times 3?", "answer": "2*3=<<2*3=6>>6\n#### 6"}) + "\n")
+    p.write_text(json.dumps({"question": "How many?", "answer": answer}) + "\n")
     t = GSM8K(path=p)
-    c = t[0]
-    assert t.eval_type == "generative" and c["messages"][0]["content"] == "2 times 3?"
-    assert t.evaluate(c, "It is six.\n#### 6") and t.evaluate(c, "#### 6.0")
-    assert not t.evaluate(c, "#### 7") and not t.evaluate(c, "6") and t.reward(c, "#### 6") == 1.0
+    return t, t[0]
+
+
+def test_gsm8k_strings_that_pass_and_fail(tmp_path):
+    t, c = gsm8k_of(tmp_path, "9*2=<<9*2=18>>18\n#### 18")
+    assert t.eval_type == "generative" and c["messages"][0]["content"] == "How many?"
+    assert t.evaluate(c, "It is 18.\n#### 18") and t.evaluate(c, "#### 18 apples") and t.reward(c, "#### 18") == 1.0
+    for wrong in ("####18", "#### $18", "#### 18.0", "#### 18.", "18", "#### 19", "#### 17\n#### 18"):
+        assert not t.evaluate(c, wrong), wrong  # no space, a dollar, another spelling, no marker, the first counts
+    assert t.evaluate(c, "#### 18\n#### 17")  # two markers: the first one is the answer
+    t, c = gsm8k_of(tmp_path, "#### 1,234")
+    assert t.evaluate(c, "#### 1,234") and t.evaluate(c, "#### 1234") and not t.evaluate(c, "#### 1.234")
+    t, c = gsm8k_of(tmp_path, "5-8=<<5-8=-3>>-3\n#### -3")
+    assert t.evaluate(c, "#### -3") and not t.evaluate(c, "#### 3") and not t.evaluate(c, "#### - 3")
 
 
 @needs("gsm8k", "test.jsonl")
@@ -164,8 +173,9 @@ def test_gsm8k_extraction_agrees_with_all_gold_answers():
         final = row["answer"].rsplit("####", 1)[1].strip().replace(",", "")
         assert extract_answer(row["answer"]) == final
         assert parts_text(conv["messages"][1]["content"]) == row["answer"]  # tool-call rendering is lossless
-        assert t.evaluate(conv, row["answer"]) and t.evaluate(conv, f"So the answer is\n#### {final}")
-        assert not t.evaluate(conv, f"#### {int(final) + 1}")
+        assert t.evaluate(conv, f"So the answer is\n#### {final}") and not t.evaluate(conv, f"#### {int(final) + 1}")
+    # the gold answers score 1,319 / 1,319
+    assert sum(t.evaluate(conv, row["answer"]) for row, conv in zip(rows, t)) == 1319
 
 
 # ----------------------------------------------------------------------------- HumanEval
@@ -190,63 +200,91 @@ def made_up_humaneval(tmp_path):
 def test_humaneval_made_up(made_up_humaneval):
     t = made_up_humaneval
     a, b = t[0], t[1]
-    assert a["messages"][1]["content"] == ROWS[0]["prompt"] + ROWS[0]["canonical_solution"]
-    assert t.evaluate(a, ROWS[0]["canonical_solution"])                                  # a bare body
-    assert t.evaluate(a, "Here:\n```python\ndef add(xs):\n    return sum(xs)\n```\nDone.")  # a whole function
-    assert t.evaluate(b, "```python\ndef twice(x):\n    return helper(x)\n```")           # uses the prompt's helper
-    assert not t.evaluate(a, "```python\ndef add(xs):\n    return 0\n```")                # wrong
-    assert not t.evaluate(a, "def add(xs) return")                                          # syntax error
-    assert not t.evaluate(b, "    while True: pass\n")                                      # never returns
-    assert extract_code("no fence") == "no fence" and extract_code("```\nx = 1\n```") == "x = 1\n"
+    assert a["messages"][1]["content"] == ROWS[0]["prompt"] + "\n" + ROWS[0]["canonical_solution"]
+    assert t.evaluate(a, a["messages"][1]["content"]) and t.evaluate(b, b["messages"][1]["content"])  # the gold
+    assert t.evaluate(a, "Here:\n```python\ndef add(xs):\n    return sum(xs)\n```\nDone.")  # the prompt's imports come along
+    assert t.evaluate(a, "```\ndef add(xs: List[int]) -> int:\n    return sum(xs)\n```")   # a bare fence, List imported
+    # only the imports are prepended: a completion without the prompt's helper fails
+    assert not t.evaluate(b, "```python\ndef twice(x):\n    return helper(x)\n```")
+    assert t.evaluate(b, "```python\ndef helper(x):\n    return 2 * x\n\ndef twice(x):\n    return helper(x)\n```")
+    assert not t.evaluate(a, "    return sum(xs)\n")  # a bare body is not a program (the prompt is not prepended)
+    assert not t.evaluate(a, "```python\ndef add(xs):\n    return sum(xs)\n")  # an unclosed fence is run as is
+    assert not t.evaluate(a, "```python\ndef add(xs):\n    return 0\n```")  # wrong
+    assert not t.evaluate(b, "def twice(x):\n    while True: pass\n")  # never returns: the time limit
+    assert extract_code("no fence ") == "no fence" and extract_code("```\nx = 1\n```") == "x = 1"
+    assert extract_imports("import math\n# c\n\nfrom typing import List\ndef f():\n    import os\n") == \
+        "import math\nfrom typing import List"
+    assert build_program(a, "x") == "from typing import List\n\nx\n\n" + ROWS[0]["test"] + "\ncheck(add)"
 
 
+def test_humaneval_limits_are_the_reference_5s_256mb(tmp_path, made_up_humaneval):
+    path = tmp_path / "HumanEval.jsonl.gz"
+    assert (HumanEval(path=path).timeout, HumanEval(path=path).memory_mb) == (5.0, 256)
+    hungry = "```python\nBLOCK = bytearray(300 * 2**20)\n\ndef add(xs):\n    return sum(xs)\n```"  # 300 MB, once
+    a = made_up_humaneval[0]
+    assert not HumanEval(path=path).evaluate(a, hungry) and HumanEval(path=path, memory_mb=2048).evaluate(a, hungry)
+
+
+@pytest.mark.slow
 @needs("humaneval", "HumanEval.jsonl.gz")
 def test_humaneval_canonical_solutions_pass_all_164():
     t = HumanEval()
-    assert len(t) == 164
-
-    def run(c):
-        return t.evaluate(c, "```python\n" + c["messages"][1]["content"] + "\n```")
-
-    with ThreadPoolExecutor(4) as pool:
-        outcomes = list(pool.map(run, t))
+    assert len(t) == 164 and (t.timeout, t.memory_mb) == (5.0, 256)
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(lambda c: t.evaluate(c, c["messages"][1]["content"]), t))
     assert sum(outcomes) == 164, [c["task_id"] for c, ok in zip(t, outcomes) if not ok]
     wrong = t[0]
     assert not t.evaluate(wrong, "```python\n" + wrong["prompt"] + "    return not " + "True\n```")
-    assert "check(has_close_elements)" in build_program(wrong, "    return False\n")
 
 
 # ----------------------------------------------------------------------------- SpellingBee
 
-def test_spellingbee_default_words_offline(offline):
-    t = SpellingBee(size=50)
-    assert t.words == sorted(set(DEFAULT_WORDS))
+def test_spellingbee_items_offline(offline):
+    t = SpellingBee(size=50, split="test")
+    assert t.words == DEFAULT_WORDS and "not the reference's items" in t.source
     convs = list(t)
-    assert convs == list(SpellingBee(size=50))  # deterministic
+    assert convs == list(SpellingBee(size=50, split="test"))  # deterministic
     assert convs != list(SpellingBee(size=50, split="train"))
     for c in convs:
-        assert c["count"] == c["word"].count(c["letter"])
+        word, letter, count = c["word"], c["letter"], c["count"]
+        assert count == word.count(letter)
         parts = c["messages"][1]["content"]
-        assert parts[1]["text"] == f"'{c['word']}'.count('{c['letter']}')" and parts[2]["text"] == str(c["count"])
-        ref = "".join(p["text"] for p in parts if p["type"] == "text")
-        assert t.evaluate(c, ref) and not t.evaluate(c, f"#### {c['count'] + 1}")
+        assert [p["type"] for p in parts] == ["text", "text", "python", "python_output", "text"]
+        assert f"First spell the word out:\n{word}:{','.join(word)}\n" in parts[0]["text"]
+        hits = [ln for ln in parts[0]["text"].splitlines() if "hit!" in ln]
+        assert len(hits) == count and (not hits or hits[-1].endswith(f"count={count}"))
+        assert parts[2]["text"] == f"'{word}'.count('{letter}')" and parts[3]["text"] == str(count)
+        assert parts[4]["text"].endswith(f"My final answer is:\n\n#### {count}")
+        assert t.evaluate(c, parts[4]["text"]) and not t.evaluate(c, f"#### {count + 1}")
+        assert not t.evaluate(c, f"####{count}")  # judged like GSM8K
     assert any(c["count"] == 0 for c in convs) and any(c["count"] >= 2 for c in convs)
     assert len(t[10:20]) == 10 and t[10:20][0] == convs[10]
-    s = SimpleSpelling(size=5)
-    c = s[0]
-    w = c["messages"][1]["content"].split(":")[0]
-    assert c["messages"][1]["content"] == f"{w}: {','.join(w)}" and s.evaluate(c, c["messages"][1]["content"])
+    assert len(TEMPLATES) == 51  # in seven languages, as the reference (the issue said 53)
+    assert len(SpellingBee()) == 1000 and len(SpellingBee(size=256, split="test")) == 256
+    c = SimpleSpelling(size=5)[0]
+    w = c["messages"][0]["content"].removeprefix("Spell the word: ")
+    assert c["messages"][1]["content"] == f"{w}:{','.join(w)}" and SimpleSpelling(size=5).evaluate(c, f" {w}:{','.join(w)}")
 
 
 def test_spellingbee_python_part_runs_in_the_calculator(offline):
     from nanochat.sandbox import calculator
     c = SpellingBee(size=3)[1]
-    out, status = calculator(c["messages"][1]["content"][1]["text"])
+    out, status = calculator(c["messages"][1]["content"][2]["text"])
     assert status == "ok" and out == str(c["count"])
 
 
 @needs("english_words", "words_alpha.zip")
-def test_spellingbee_uses_the_word_list():
-    t = SpellingBee(size=20)
-    assert len(t.words) == 370099
-    assert any(c["word"] not in DEFAULT_WORDS for c in t)
+def test_spellingbee_items_are_the_reference_october_2025_items():
+    words = SHARED / "english_words" / "words_alpha.zip"
+    t = SpellingBee(size=256, split="test", words_path=words)
+    assert len(t.words) == 370099 and len(t) == 256
+    # items the reference's tasks/spellingbee.py (commit 8c9b004) generates from the same word list
+    first = t[0]
+    assert first["messages"][0]["content"] == "how many times is 'o' in 'cottonize'" and first["count"] == 2
+    assert t[1]["messages"][1]["content"][0]["text"].startswith(
+        "We are asked to find the number 'a' in the word 'beaune'. Let me try a manual approach first.\n\n"
+        "First spell the word out:\nbeaune:b,e,a,u,n,e\n\nThen count the occurrences of 'a':\n1:b\n2:e\n3:a hit! count=1\n")
+    assert SpellingBee(size=1, split="train", words_path=words)[0]["messages"][0]["content"] == \
+        'count the number of "s" in \'nonclastic\'?'
+    assert SimpleSpelling(size=1, split="train", words_path=words)[0]["messages"] == [
+        {"role": "user", "content": "Spell the word: wombats"}, {"role": "assistant", "content": "wombats:w,o,m,b,a,t,s"}]

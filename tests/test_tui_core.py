@@ -212,11 +212,14 @@ def test_nvml_provider_reads_fake_nvml_and_reports_absence():
 
 def test_every_binding_has_an_id_and_no_swallowed_keys():
     from textual.binding import Binding
-    from tui.app import FORBIDDEN_KEYS, NanochatApp, all_binding_ids
+    from tui import dialogs
+    from tui.app import NanochatApp, all_binding_ids
+    from tui.bindings import FORBIDDEN_KEYS
     from tui.screens import all_screen_classes
     ids = all_binding_ids()
-    assert len(ids) > 40
-    for cls in [NanochatApp, *all_screen_classes()]:
+    assert len(ids) > 40 and {"confirm.yes", "pick.cancel", "export.cancel", "menu.close"} <= set(ids)
+    for cls in [NanochatApp, *all_screen_classes(), dialogs.ConfirmScreen, dialogs.PickScreen, dialogs.ExportScreen,
+                dialogs.MenuScreen]:
         for b in cls.BINDINGS:
             assert isinstance(b, Binding) and b.id, f"{cls.__name__} binding {b} has no id"
             for key in b.key.split(","):
@@ -232,7 +235,16 @@ def test_main_rejects_unknown_binding_ids(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main([])
     assert "unknown binding id(s) in [tui.keys]: dashboard.nope" in capsys.readouterr().err
+    (tmp_path / "tui.toml").write_text('[tui.keys]\n"dashboard.logs" = "L,ctrl+s"\n')
+    with pytest.raises(SystemExit):
+        main([])
+    assert "[tui.keys] dashboard.logs = 'L,ctrl+s': terminals or tmux swallow" in capsys.readouterr().err
     (tmp_path / "tui.toml").unlink()
+    for bad in ("0.1", "nan", "soon"):
+        with pytest.raises(SystemExit):
+            main(["--poll", bad])
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage line
+        assert last.startswith("nanochat-tui: error: ") and "--poll" in last and ">= 0.5" in last
     with pytest.raises(SystemExit):
         main(["no-such-run"])
     assert capsys.readouterr().err.startswith("nanochat-tui: error: no runs in")

@@ -325,22 +325,8 @@ def run_cost(state: dict, config: dict, model: RunModel | None, now: float, rate
             running = ss is None or ss.status == "running"
             end = now if running else (info.last_ts if info and info.last_ts else start)
         spans.append((start, end))
-    wall = _union_length(spans)
-    return wall, wall / 3600.0 * rate_per_gpu_hour * gpus
-
-
-def _union_length(spans):
-    total, cur_s, cur_e = 0.0, None, None
-    for s, e in sorted(spans):
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                total += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        total += cur_e - cur_s
-    return max(total, 0.0)
+    from nanochat.system import run_cost as cost_of_spans  # the one cost function (report.md uses it too)
+    return cost_of_spans(spans, gpus, rate_per_gpu_hour)
 
 
 def hourly_rate(config: dict, gpu_name: str | None, fallback: float) -> float:
@@ -349,13 +335,10 @@ def hourly_rate(config: dict, gpu_name: str | None, fallback: float) -> float:
     if isinstance(override, (int, float)) and override >= 0:
         return float(override)
     if gpu_name:
-        try:
-            from nanochat.report import gpu_hourly_rate
-            rate = gpu_hourly_rate(gpu_name)
-            if rate is not None:
-                return rate
-        except ImportError:
-            pass
+        from nanochat.system import gpu_hourly_rate
+        rate = gpu_hourly_rate(gpu_name)
+        if rate is not None:
+            return rate
     return fallback
 
 

@@ -16,6 +16,7 @@ SPLITS = ("train", "validation", "test")
 
 class ARC(Task):
     eval_type = "categorical"
+    shuffled = True
 
     def __init__(self, subset: str = "ARC-Easy", split: str = "test", path=None, **kwargs):
         super().__init__(**kwargs)

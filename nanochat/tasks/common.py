@@ -36,6 +36,7 @@ class TaskDataError(FileNotFoundError):
 
 class Task:
     eval_type = "generative"
+    shuffled = False  # True where karpathy/nanochat reads the task HF-shuffled (seed 42): see chat_eval.problem_order
 
     def __init__(self, start: int = 0, stop: int | None = None, step: int = 1):
         if step < 1:

@@ -2,7 +2,12 @@
 
 The solutions mark calculator use as `<<48/2=24>>`. For training these become tool calls: the
 expression a python part, its result a python_output part, so the model learns to call the calculator
-that the Engine runs at inference. Judged on the number after the last `####` only.
+that the Engine runs at inference.
+
+Judged as the reference (karpathy/nanochat tasks/gsm8k.py, after OpenAI's grade-school-math): the
+first `#### <number>` (exactly one space after the marker; the number is digits, '.', ',' with an
+optional '-') of the completion, commas removed, must equal the gold answer's as a string. So
+`#### 1,234` == "1234", but `####18`, `#### $18`, `#### 18.0` and `#### 18.` against "18" do not pass.
 
 Offline it reads `gsm8k/{train,test}.jsonl` ({"question", "answer"}); online HuggingFace `openai/gsm8k`.
 """
@@ -10,29 +15,18 @@ from __future__ import annotations
 
 import json
 import re
-from decimal import Decimal, InvalidOperation
 
 from nanochat.tasks.common import Task, find_local, load_hf
 
-ANSWER_RE = re.compile(r"####\s*\$?\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?)")
+ANSWER_RE = re.compile(r"#### (-?[0-9.,]+)")
 CALL_RE = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
 SPLITS = ("train", "test")
 
 
 def extract_answer(text: str) -> str | None:
-    """The number after the last '####', thousands separators removed; None if there is none."""
-    found = ANSWER_RE.findall(text)
-    return found[-1].replace(",", "") if found else None
-
-
-def same_number(a: str | None, b: str | None) -> bool:
-    """'18' == '18.0' == '18.00'; None never matches."""
-    if a is None or b is None:
-        return False
-    try:
-        return Decimal(a) == Decimal(b)
-    except InvalidOperation:
-        return a == b
+    """The number after the first '#### ', commas removed; None if there is none."""
+    m = ANSWER_RE.search(text)
+    return m.group(1).strip().replace(",", "") if m else None
 
 
 def solution_parts(answer: str) -> list[dict]:
@@ -67,6 +61,7 @@ def parts_text(parts) -> str:
 
 class GSM8K(Task):
     eval_type = "generative"
+    shuffled = True
 
     def __init__(self, subset: str = "main", split: str = "test", path=None, **kwargs):
         super().__init__(**kwargs)
@@ -90,5 +85,10 @@ class GSM8K(Task):
                              {"role": "assistant", "content": solution_parts(r["answer"])}], "task": "GSM8K"}
 
     def evaluate(self, conversation, completion):
-        gold = extract_answer(parts_text(conversation["messages"][-1]["content"]))
-        return same_number(extract_answer(completion), gold)
+        gold = extract_answer(final_text(conversation["messages"][-1]["content"]))
+        return extract_answer(completion) == gold
+
+
+def final_text(content) -> str:
+    """The last text of an assistant message (a string, or the last part): where the gold `####` is."""
+    return content if isinstance(content, str) else content[-1]["text"]

@@ -128,12 +128,12 @@ def _alpaca(arg, split):
 
 def _simple_spelling(arg, split):
     from nanochat.tasks.spellingbee import SimpleSpelling
-    return SimpleSpelling(size=int(arg) if arg else None, split=split)
+    return SimpleSpelling(size=int(arg) if arg else 1000) if split == "train" else None  # as the reference: no val
 
 
 def _spelling_bee(arg, split):
     from nanochat.tasks.spellingbee import SpellingBee
-    return SpellingBee(size=int(arg) if arg else None, split=split)
+    return SpellingBee(size=int(arg) if arg else 1000) if split == "train" else None  # test = the eval's items
 
 
 def _gsm8k(arg, split):

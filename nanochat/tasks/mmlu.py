@@ -14,6 +14,7 @@ SPLITS = ("test", "dev", "validation", "train")
 
 class MMLU(Task):
     eval_type = "categorical"
+    shuffled = True
 
     def __init__(self, subset: str = "all", split: str = "test", path=None, **kwargs):
         """subset: "all", one subject (e.g. "astronomy"), or "auxiliary_train" (HuggingFace only)."""
