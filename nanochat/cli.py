@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stop", help="stop a run (the stage checkpoints first)")
     s.add_argument("run")
-    s.add_argument("--timeout", type=float, default=30.0, help="seconds before SIGKILL (default 30)")
+    s.add_argument("--timeout", type=float, default=sv.STOP_TIMEOUT_S,
+                   help=f"seconds before SIGKILL (default {sv.STOP_TIMEOUT_S:g}: after torchrun's own {sv.TORCHRUN_SHUTDOWN_S:g} s)")
     s.set_defaults(func=cmd_stop)
 
     s = sub.add_parser("resume", help="continue a stopped or failed run from its checkpoints")

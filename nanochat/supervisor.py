@@ -318,7 +318,6 @@ def terminate_stage(stage: dict, timeout: float) -> None:
     if signal_stage(stage, signal.SIGKILL):
         deadline = time.time() + KILL_GRACE_S
         while stage_procs(stage, adopted=_driving) and time.time() < deadline:
-            _reap_adopted(None)
             time.sleep(0.05)
 
 
@@ -377,7 +376,8 @@ def _spawn_driver(run_dir: Path, st: dict) -> int:
 
 
 def _child_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra or {}))
+    # a token inherited from whoever started us would make our children look like that stage's
+    env = dict({k: v for k, v in os.environ.items() if k != TOKEN_ENV}, PYTHONUNBUFFERED="1", **(extra or {}))
     # stages are modules of this checkout (`stages.X`); make them importable from anywhere
     if (REPO_ROOT / "stages").is_dir():
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)

@@ -84,12 +84,13 @@ def test_resume_with_another_world_size_is_refused_in_one_line(tmp_path, monkeyp
 
 
 def _watch(directory, steps, stop, seen):
-    """A reader that checks, as often as it can, that the wanted steps are listed and the latest is complete
-    (what a resume loads; an older one may be pruned between our listing and our look)."""
+    """A reader that checks, as often as it can, that the wanted steps are listed and that every listed step
+    is complete or gone (pruned by one rename after we listed it), never half deleted or half written."""
+    def whole_or_gone(d):
+        return ((d / "model.pt").is_file() and (d / "meta.json").is_file()) or not d.exists()
     while not stop.is_set():
         listed = list_steps(directory)
-        last = directory / f"step_{max(listed, default=0):06d}"
-        seen.append(set(steps) <= set(listed) and (last / "model.pt").is_file() and (last / "meta.json").is_file())
+        seen.append(set(steps) <= set(listed) and all(whole_or_gone(directory / f"step_{s:06d}") for s in listed))
 
 
 @pytest.mark.parametrize("keep_last", [None, 2])

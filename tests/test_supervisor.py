@@ -85,13 +85,17 @@ def finished(run_dir, timeout=90.0) -> dict:
 
 def assert_complete(run_dir, name, steps):
     """The stage succeeded; its last attempt's steps continue from where the previous one checkpointed
-    (every step up to `steps` is there), and every line of its events is a valid event."""
+    (every step up to `steps` is there), there is one `start` per attempt, and report.md has it all.
+    Returns how many malformed lines its events have (a line torn by a kill)."""
     st = sv.read_state(run_dir)
     assert st["status"] == "succeeded", st["stages"]
     evs, bad = events(run_dir, name)
     assert set(steps_of(run_dir, name)) == set(range(1, steps + 1))
     assert evs[-1]["kind"] == "end" and evs[-1]["status"] == "ok"
     assert [e["kind"] for e in evs].count("start") == stage(run_dir, name)["attempts"]
+    from nanochat.report import write_report
+    report = write_report(run_dir).read_text()  # and the report tells the same story
+    assert f"## {name}\n\nStatus: **succeeded**" in report and f"Steps done: {steps}\n" in report
     return bad
 
 
@@ -486,14 +490,14 @@ def test_torchrun_rank_sigkill_stop_and_resume_leave_no_process_and_lose_nothing
     st = finished(d, 120)
     a = st["stages"][0]
     assert a["status"] == "failed" and a["exit_code"] not in (0, None), a
-    assert any("-9" in ln or "SIGKILL" in ln for ln in a["traceback"]), a["traceback"]
+    assert a["error"] and a["traceback"]  # rank 0's collective failed with its peer gone: recorded with its traceback
     ck = latest_step(d / "checkpoints" / "a")
     assert ck and load_checkpoint(d / "checkpoints" / "a", rank=1, load_optim=True, world_size=2)[1] == {"rank": 1}
 
     sv.resume_run(d)
-    wait_for(lambda: stage(d)["status"] == "running" and steps_of(d)[-1] > ck + 3, 120, "the resumed steps")
-    evs, _ = events(d)
-    assert any(e.get("message") == f"resumed from step {ck}" for e in evs)
+    resumed = lambda: [i for i, e in enumerate(events(d)[0]) if e.get("message") == f"resumed from step {ck}"]  # noqa: E731
+    wait_for(lambda: resumed() and [e for e in events(d)[0][resumed()[0]:] if e["kind"] == "step"][3:], 120,
+             "the resumed attempt's steps")
     assert len(sv.stage_procs(stage(d))) >= 3  # torchrun and its two workers
     sv.stop_run(d, timeout=20)
     st = sv.read_state(d)
@@ -521,12 +525,12 @@ def test_torchrun_rank_sigkill_stop_and_resume_leave_no_process_and_lose_nothing
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_stage_sigkilled_during_a_checkpoint_write_resumes_from_the_previous_one(runs):
-    d = runs(fake("a", "--steps", 12, "--sleep", 0.02, "--ckpt-every", 3, "--ckpt-mb", 300))
+    d = runs(fake("a", "--steps", 9, "--sleep", 0.02, "--ckpt-every", 3, "--ckpt-mb", 200))
     sv.start_run(d)
     cdir = d / "checkpoints" / "a"
     wait_for(lambda: latest_step(cdir) == 3, 120, "the first checkpoint")
     wait_for(lambda: (cdir / ".tmp-step_000006").exists(), 120, "the second checkpoint's write")
-    os.kill(stage(d)["pid"], signal.SIGKILL)  # in the middle of writing 300 MB
+    os.kill(stage(d)["pid"], signal.SIGKILL)  # in the middle of writing 200 MB
     st = finished(d)
     assert st["stages"][0]["status"] == "failed" and "SIGKILL" in st["stages"][0]["error"]
     assert list_steps(cdir) == [3]
@@ -537,11 +541,11 @@ def test_stage_sigkilled_during_a_checkpoint_write_resumes_from_the_previous_one
 
     sv.resume_run(d)
     st = finished(d, 120)
-    assert_complete(d, "a", 12)
+    assert_complete(d, "a", 9)
     evs, _ = events(d)
     assert any(e.get("message") == "resumed from step 3" for e in evs)
-    assert [e["step"] for e in evs if e["kind"] == "checkpoint"] == [3, 6, 9, 12]
-    assert list_steps(cdir) == [9, 12] and not [p for p in cdir.iterdir() if p.name.startswith(".")]
+    assert [e["step"] for e in evs if e["kind"] == "checkpoint"] == [3, 6, 9]
+    assert list_steps(cdir) == [6, 9] and not [p for p in cdir.iterdir() if p.name.startswith(".")]
 
 
 # ------------------------------------------------------------------------------ the terminal and the TUI

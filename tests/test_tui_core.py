@@ -257,3 +257,18 @@ def test_main_rejects_unknown_binding_ids(tmp_path, monkeypatch, capsys):
     from tui.services import Supervisor
     sup = Supervisor(tmp_path)
     assert sup.resolve("latest") == sup.resolve("20250101-10") == sup.resolve(str(r.dir)) == r.dir
+
+
+def test_state_view_uses_the_supervisors_status_and_survives_a_bad_state_file(tmp_path):
+    from nanochat import supervisor as sv
+    r = demo_run(tmp_path)
+    r.set_stage("base_train", "succeeded")  # done so far, nothing running, no driver: the CLI says "incomplete"
+    for s in r.state["stages"]:
+        s["status"] = "succeeded" if s["name"] in ("data", "tok_train", "tok_eval", "base_train") else "pending"
+    r.save_state()
+    raw = sv.read_state(r.dir)
+    assert read_state(r.dir)["status"] == sv.run_status(raw) == "incomplete"
+    for junk in (b"\xff\xfe", b"[1, 2]", b'{"stages": [{"status": "running"}]}', b'{"stages": "x"}'):
+        (r.dir / "state.json").write_bytes(junk)
+        assert read_state(r.dir) == {"status": "unknown", "profile": "", "created": None, "stages": [], "raw": {}}
+        assert not sv.reattach(r.dir) and not sv.is_live(r.dir)
