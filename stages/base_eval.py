@@ -59,7 +59,7 @@ def resolve_bundle(ctx: StageContext) -> Path | None:
         if ctx.cfg["base_eval"]["require_core"]:
             raise ConfigError(msg)
         print0(f"CORE skipped: {msg}")
-        ctx.events.emit("log", message=f"CORE skipped: {msg}")
+        ctx.events.emit("log", message=f"CORE skipped: {msg}", skipped=True)
         return None
     return path
 
@@ -83,7 +83,7 @@ def split_bpb(ctx: StageContext, model, tokenizer) -> dict:
             r = bits_per_byte(model, batches, steps, token_bytes)
         except (ConfigError, ValueError, FileNotFoundError) as e:
             print0(f"{split} bpb skipped: {e}")
-            ctx.events.emit("log", message=f"{split} bpb skipped: {e}")
+            ctx.events.emit("log", message=f"{split} bpb skipped: {e}", skipped=True)
             continue
         r["tokens_requested"] = steps * B * T * world
         short = r["tokens"] < r["tokens_requested"]
