@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from nanochat.common import autodetect_device_type  # noqa: E402
 from nanochat.engine import SPECIALS, Engine  # noqa: E402
+from nanochat.scaling import model_dims  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
 
 
@@ -95,7 +96,7 @@ def main(argv=None):
         model, tokenizer, _ = load_model(args.ckpt, args.stage, device=device)
         what = f"checkpoint {args.ckpt} ({args.stage})"
     else:
-        config = GPTConfig.from_depth(args.depth, args.vocab, args.seq_len, head_dim=args.head_dim)
+        config = GPTConfig(sequence_len=args.seq_len, vocab_size=args.vocab, **model_dims(args.depth, head_dim=args.head_dim))
         model = GPT(config).to(device)
         model.init_weights()
         model.eval()

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from nanochat.common import autodetect_device_type, default_compute_dtype  # noqa: E402
 from nanochat.system import peak_flops  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
+from nanochat.scaling import model_dims  # noqa: E402
 
 def sync(device):
     if device.type == "cuda":
@@ -83,8 +84,8 @@ def main(argv=None):
     dtype = dtypes[args.dtype] if args.dtype else default_compute_dtype(device.type)
 
     torch.manual_seed(0)
-    config = GPTConfig.from_depth(args.depth, args.vocab, args.seq, aspect_ratio=args.aspect_ratio,
-                                  head_dim=args.head_dim, window_pattern=args.window_pattern)
+    config = GPTConfig(sequence_len=args.seq, vocab_size=args.vocab, window_pattern=args.window_pattern,
+                       **model_dims(args.depth, args.aspect_ratio, args.head_dim))
     with torch.device("meta"):
         model = GPT(config, compute_dtype=dtype)
     model.to_empty(device=device)

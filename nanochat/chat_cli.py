@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from nanochat.common import atomic_write, die, get_base_dir
+from nanochat.common import atomic_write, die, get_base_dir, strip_controls
 
 STAGES = ("rl", "sft", "mid", "base")  # most trained first: the default is the first one that has a checkpoint
 HELP = """commands:
@@ -107,8 +107,11 @@ class Reply:
 
 
 def respond(engine, conversation, settings, out, side, color: bool) -> dict:
-    """Stream one reply: text to `out`, tool calls and notices to `side`. Returns the assistant message."""
+    """Stream one reply: text to `out`, tool calls and notices to `side`. Returns the assistant message.
+    What the model (or its tool) wrote is shown without terminal control sequences: a reply cannot recolour,
+    retitle or clear the user's terminal. The conversation keeps the text as generated."""
     def paint(kind, text):
+        text = strip_controls(text)
         return f"{ANSI[kind]}{text}{ANSI['reset']}" if color else text
 
     reply = Reply()
@@ -118,14 +121,15 @@ def respond(engine, conversation, settings, out, side, color: bool) -> dict:
         kind = ev["type"]
         if kind == "text":
             reply.add("text", ev["text"])
-            out.write(ev["text"])
+            out.write(strip_controls(ev["text"]))
             out.flush()
         elif kind == "tool_call":
             reply.add("python", ev["code"])
             side.write("\n" + paint("python", f"[python] {ev['code']}") + "\n")
         elif kind == "tool_result":
             reply.add("python_output", ev["output"])
-            side.write(paint("output" if ev["status"] == "ok" else "error", f"[output] {ev['output']}") + "\n")
+            tag = "[output, reduced isolation]" if ev.get("isolation") == "reduced" else "[output]"
+            side.write(paint("output" if ev["status"] == "ok" else "error", f"{tag} {ev['output']}") + "\n")
         elif kind == "notice":
             side.write(paint("notice", f"[notice] {ev['text']}") + "\n")
         elif kind == "done":

@@ -6,7 +6,11 @@
         meta.json           model_config, step, loader_state per rank, stage metrics
 
 Because the rename is the last act, a crash mid-write leaves the previous checkpoint as the latest
-complete one. Multi-node runs need a shared filesystem for the checkpoint directory.
+complete one. Re-saving a step swaps the new directory with the old one in one rename (renameat2
+RENAME_EXCHANGE), and pruning renames a step out of the listing before deleting it, so at every moment
+each listed step_N is complete. Optimizer shards and loader positions are per rank: resuming them
+with another number of processes is refused (`load_checkpoint(load_optim=True)`). Multi-node runs need
+a shared filesystem for the checkpoint directory.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from nanochat.common import fsync_dir
+from nanochat.config import ConfigError
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 
@@ -35,6 +40,28 @@ def _barrier(world_size: int):
         dist.barrier()
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        AT_FDCWD, RENAME_EXCHANGE = -100, 2
+        return libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _discard(directory: Path, name: str) -> None:
+    """Take a step out of the listing with one rename, then delete it."""
+    gone = directory / f".old-{name}"
+    shutil.rmtree(gone, ignore_errors=True)
+    try:
+        os.rename(directory / name, gone)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def _save_file(obj, path: Path):
     import torch
     with open(path, "wb") as f:
@@ -51,7 +78,8 @@ def save_checkpoint(directory, step: int, model_state: dict, optim_state: dict |
     tmp = directory / f".tmp-step_{step:06d}"
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a write that was killed
+        for left in [tmp, *directory.glob(".old-step_*")]:  # leftovers of a write or a pruning that was killed
+            shutil.rmtree(left, ignore_errors=True)
         tmp.mkdir()
     _barrier(world_size)
     if optim_state is not None:
@@ -65,18 +93,16 @@ def save_checkpoint(directory, step: int, model_state: dict, optim_state: dict |
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(tmp)
-        if final.exists():  # re-saving the same step: move the old one aside first
-            old = directory / f".old-step_{step:06d}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+        if final.exists() and _exchange(tmp, final):  # re-saving a step: the new one takes its place at once
+            shutil.rmtree(tmp, ignore_errors=True)        # (now the old one)
         else:
+            if final.exists():  # no atomic exchange here: the old one goes, then the new one comes
+                _discard(directory, final.name)
             os.rename(tmp, final)
         fsync_dir(directory)
         if keep_last:
             for s in list_steps(directory)[:-keep_last]:
-                shutil.rmtree(directory / f"step_{s:06d}", ignore_errors=True)
+                _discard(directory, f"step_{s:06d}")
     _barrier(world_size)
     return final
 
@@ -93,8 +119,10 @@ def latest_step(directory) -> int | None:
     return steps[-1] if steps else None
 
 
-def load_checkpoint(directory, step: int | None = None, device="cpu", rank: int = 0, load_optim: bool = False):
-    """-> (model_state, optim_state or None, meta)."""
+def load_checkpoint(directory, step: int | None = None, device="cpu", rank: int = 0, load_optim: bool = False,
+                    world_size: int | None = None):
+    """-> (model_state, optim_state or None, meta). With `load_optim` (a resume), the checkpoint must have
+    been written by `world_size` processes (default: $WORLD_SIZE as torchrun sets it, else 1)."""
     import torch
     directory = Path(directory)
     step = latest_step(directory) if step is None else step
@@ -104,6 +132,13 @@ def load_checkpoint(directory, step: int | None = None, device="cpu", rank: int 
     if not d.is_dir():
         raise FileNotFoundError(f"no checkpoint for step {step} in {directory} (have: {list_steps(directory)})")
     meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+    if load_optim:
+        world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        saved = meta.get("world_size", 1)
+        if saved != world_size:
+            # each rank's optimizer shard and data position are its own: another split would misload silently
+            raise ConfigError(f"cannot resume {d} with {world_size} process(es): it was written by {saved}; "
+                              f"resume with run.nproc_per_node x run.nnodes = {saved}, or start the stage afresh")
     model_state = torch.load(d / "model.pt", map_location=device, weights_only=True)
     # checkpoints of a torch.compile'd model carry this prefix; strip it so plain models load them
     model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}

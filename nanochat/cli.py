@@ -1,9 +1,10 @@
 """`nanochat`: the headless command line. Everything the TUI does to a run, for scripts, CI and ssh.
 
     nanochat run [--profile P] [--set section.key=value]... [--from STAGE] [--wait]
+    nanochat plan [--profile P] [--set section.key=value]... [--json]
     nanochat status [RUN]            nanochat stop RUN          nanochat resume RUN [--wait]
     nanochat retry RUN STAGE         nanochat skip RUN STAGE    nanochat logs RUN [STAGE] [--follow]
-    nanochat report RUN              nanochat chat ...
+    nanochat report RUN              nanochat chat ...                nanochat serve ...
 
 RUN is a run id (or a unique prefix of one, or a path, or `latest`). Runs live in <base>/runs.
 """
@@ -147,9 +148,21 @@ def _console():
     return Console()
 
 
+def cmd_plan(a) -> int:
+    import json
+    from nanochat.config import load_config
+    from nanochat.scaling import check_plan, format_plan, plan
+    p = plan(load_config(a.profile, a.overrides))
+    print(json.dumps(p, indent=2) if a.json else format_plan(p))
+    check_plan(p)  # the plan is shown either way; exit 2 with the one-line reason when a run would be refused
+    return 0
+
+
 def cmd_run(a) -> int:
     from nanochat.config import load_config
+    from nanochat.scaling import check_plan, plan
     cfg = load_config(a.profile, a.overrides)
+    check_plan(plan(cfg))  # refuse a run whose data cannot cover its horizon, before anything starts
     names = [s["name"] for s in sv.parse_stages(cfg["run"]["stages"])]
     if a.from_stage and a.from_stage not in names:
         die(f"--from {a.from_stage!r} is not a stage of this run; stages: {', '.join(names)}")
@@ -269,12 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="start a new run in the background")
-    r.add_argument("--profile", default=None, help="demo, cpu, speedrun, d26, d32 (default: [defaults] of nanochat.toml)")
+    r.add_argument("--profile", default=None, help="a profile of nanochat.toml: demo, cpu, speedrun, d26, d32, ... (default: its [defaults])")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key (repeatable)")
     r.add_argument("--from", dest="from_stage", default=None, metavar="STAGE", help="skip the stages before STAGE")
     r.add_argument("--wait", action="store_true", help="follow in the foreground; exit 1 if a stage fails")
     r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("plan", help="what a run would do: model, tokens, batch, steps, data, time and cost")
+    s.add_argument("--profile", default=None, help="as for run")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key (repeatable)")
+    s.add_argument("--json", action="store_true", help="machine-readable, for scripts")
+    s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("status", help="the runs, or one run's stages")
     s.add_argument("run", nargs="?", default=None)
@@ -314,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_report)
 
     sub.add_parser("chat", help="talk to a trained model (nanochat chat --help)", add_help=False)
+    sub.add_parser("serve", help="web chat + OpenAI-compatible API (nanochat serve --help)", add_help=False)
     return p
 
 
@@ -322,6 +343,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "chat":  # its own parser, in its own module; imported only when used
         from nanochat.chat_cli import main as chat_main
         return chat_main(argv[1:]) or 0
+    if argv and argv[0] == "serve":
+        from nanochat.serve import main as serve_main
+        return serve_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     from nanochat.config import ConfigError
     try:

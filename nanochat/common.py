@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +26,17 @@ def print0(*args, **kwargs):
     """print on global rank 0 only (torchrun sets RANK)."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
+
+
+# terminal control: CSI (colours, cursor moves, clear screen), OSC (title, hyperlinks, clipboard), other
+# escapes, then any lone C0/C1 control but newline and tab (bell, backspace, carriage return, a split ESC)
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]"
+                      r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def strip_controls(text: str) -> str:
+    """`text` (model output, a log line) without what a terminal would act on instead of showing."""
+    return _CONTROL.sub("", text)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:

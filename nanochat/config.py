@@ -1,8 +1,10 @@
 """The one config: nanochat.toml defaults, a profile on top, `--set section.key=value` overrides on top.
 
 Validation happens once, here, so that stages can trust their config: an unknown key names the
-nearest valid one, a wrong type or out-of-range value names what is allowed. The derivations from
-`depth` (the one dial) live here too, so every consumer derives the same numbers.
+nearest valid one, a wrong type or out-of-range value names what is allowed (`KEYS`, one row per
+rule). Then `derive` (nanochat/scaling.py) fills every -1 it can from `depth`, the one dial, so
+stages read plain values. `Config.save` writes what was asked for (the inputs), never the derived
+values, so a saved run config derives the same numbers again when a stage loads it.
 """
 from __future__ import annotations
 
@@ -10,38 +12,67 @@ import difflib
 import math
 import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nanochat.common import atomic_write, get_base_dir
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "nanochat.toml"
-PROFILES = ("demo", "cpu", "speedrun", "d26", "d32")
 
-# Allowed ranges and choices. Keys not listed accept any value of the default's type.
-RANGES: dict[str, tuple[float, float]] = {
-    "run.nproc_per_node": (1, 1024), "run.nnodes": (1, 4096),
-    "data.num_shards": (2, 1823),
-    "tokenizer.vocab_size": (256 + 9, 1 << 20), "tokenizer.max_chars": (1, 10**13), "tokenizer.doc_cap": (1, 10**9),
-    "base_train.depth": (1, 64), "base_train.aspect_ratio": (8, 512), "base_train.head_dim": (8, 512),
-    "base_train.max_seq_len": (8, 1 << 17), "base_train.device_batch_size": (1, 4096),
-    "base_train.target_param_data_ratio": (0.01, 10_000), "base_train.warmup_ratio": (0.0, 1.0),
-    "base_train.warmdown_ratio": (0.0, 1.0), "base_train.final_lr_frac": (0.0, 1.0),
-    "base_train.weight_decay": (0.0, 10.0),
-    "mid_train.device_batch_size": (1, 4096), "mid_train.max_seq_len": (8, 1 << 17),
-    "chat_sft.device_batch_size": (1, 4096), "chat_rl.device_batch_size": (1, 4096),
-    "chat_rl.num_samples": (1, 1024), "chat_rl.temperature": (0.0, 10.0),
-    "chat_eval.temperature": (0.0, 10.0), "chat_eval.num_samples": (1, 1024),
+
+@dataclass(frozen=True)
+class Rule:
+    lo: float = 0             # numbers: lo <= value <= hi
+    hi: float = math.inf
+    choices: tuple = ()       # strings: one of these
+    auto: bool = False        # -1 means "derive it" (nanochat/scaling.py or the stage)
+
+
+def between(lo, hi=math.inf, auto=False) -> Rule:
+    return Rule(lo=lo, hi=hi, auto=auto)
+
+
+def one_of(*choices) -> Rule:
+    return Rule(choices=choices)
+
+
+COUNT, AUTO = between(1), between(1, auto=True)     # a positive count; one that -1 derives
+CADENCE = between(0, auto=True)                     # base_train's steps between events: -1 derived, 0 only at the end
+# the chat stages' steps between events: -1 = only at the end (the stage knows its horizon, derive does not)
+FRACTION = between(0.0, 1.0)
+# The rule of each key. The type of a key is its default's in nanochat.toml; a key not listed here
+# takes any value >= 0 if it is a number (floats must be finite) and anything if it is a string.
+KEYS: dict[str, Rule] = {
+    "run.device": one_of("auto", "cuda", "cpu", "mps"),
+    "run.nproc_per_node": between(1, 1024), "run.nnodes": between(1, 4096),
+    "run.gpu_hourly_usd": between(0.0, auto=True),
+    "data.source": one_of("climbmix", "fineweb", "demo", "local"),
+    "data.num_shards": between(1, 6542),
+    "tokenizer.vocab_size": between(256 + 9, 1 << 20), "tokenizer.max_chars": between(1, 10**13),
+    "tokenizer.doc_cap": between(1, 10**9),
+    "base_train.depth": between(1, 64), "base_train.aspect_ratio": between(8, 512),
+    "base_train.head_dim": between(8, 512), "base_train.max_seq_len": between(8, 1 << 17, auto=True),
+    "base_train.device_batch_size": between(1, 4096), "base_train.total_batch_size": AUTO,
+    "base_train.target_param_data_ratio": between(0.01, 10_000), "base_train.num_iterations": AUTO,
+    "base_train.warmup_steps": between(0, 10**9), "base_train.warmdown_ratio": FRACTION,
+    "base_train.final_lr_frac": FRACTION, "base_train.weight_decay": between(0.0, 10.0),
+    "base_train.eval_every": CADENCE, "base_train.eval_tokens": AUTO,
+    "base_train.sample_every": CADENCE, "base_train.save_every": CADENCE,
+    "base_eval.max_per_task": AUTO, "base_eval.bpb_tokens": AUTO,
+    "mid_train.device_batch_size": between(1, 4096, auto=True), "mid_train.max_seq_len": between(8, 1 << 17, auto=True),
+    "mid_train.total_batch_size": AUTO, "mid_train.num_iterations": AUTO, "mid_train.eval_every": AUTO,
+    "mid_train.eval_tokens": AUTO, "mid_train.val_examples": COUNT, "mid_train.save_every": AUTO,
+    "chat_sft.device_batch_size": between(1, 4096), "chat_sft.examples_per_step": COUNT,
+    "chat_sft.num_epochs": COUNT, "chat_sft.num_iterations": AUTO, "chat_sft.eval_every": AUTO,
+    "chat_sft.save_every": AUTO,
+    "chat_rl.device_batch_size": between(1, 4096), "chat_rl.examples_per_step": COUNT,
+    "chat_rl.num_samples": between(1, 1024), "chat_rl.temperature": between(0.0, 10.0),
+    "chat_rl.max_new_tokens": COUNT, "chat_rl.num_epochs": COUNT, "chat_rl.num_iterations": AUTO,
+    "chat_rl.eval_every": AUTO, "chat_rl.eval_samples": COUNT, "chat_rl.save_every": AUTO,
+    "chat_eval.temperature": between(0.0, 10.0), "chat_eval.num_samples": between(1, 1024),
+    "chat_eval.max_problems": AUTO, "chat_eval.max_new_tokens": COUNT,
 }
-CHOICES: dict[str, tuple[str, ...]] = {
-    "run.device": ("auto", "cuda", "cpu", "mps"),
-    "data.source": ("fineweb", "demo", "local"),
-}
-# keys where -1 means "derive it" (exempt from the lower bound)
-AUTO_KEYS = {"base_train.total_batch_size", "base_train.num_iterations", "base_train.eval_every",
-             "base_train.save_every", "base_train.sample_every", "base_eval.max_per_task",
-             "mid_train.num_iterations", "mid_train.save_every", "chat_sft.num_iterations", "chat_sft.save_every",
-             "chat_rl.num_iterations", "chat_rl.save_every", "chat_eval.max_problems", "run.gpu_hourly_usd"}
 
 
 class ConfigError(ValueError):
@@ -60,6 +91,21 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"config file {path} not found (set NANOCHAT_CONFIG or run from a nanochat checkout)") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not valid UTF-8 (byte {e.start}); it must be a TOML text file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+
+
+def list_profiles() -> list[str]:
+    """The profiles of nanochat.toml, in file order."""
+    return list(_read_toml(config_path()).get("profiles", {}))
+
+
+def __getattr__(name: str):
+    if name == "PROFILES":  # read from the TOML when asked, so there is no second list to keep in step
+        return tuple(list_profiles())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _nearest(name: str, options) -> str:
@@ -72,25 +118,34 @@ def _type_name(v: Any) -> str:
             list: "a list"}.get(type(v), type(v).__name__)
 
 
+def _fmt(x) -> str:
+    return "no limit" if x == math.inf else f"{x}"
+
+
 def _check_value(key: str, default: Any, value: Any) -> Any:
-    """Coerce ints to floats where a float is expected; reject anything else of the wrong type."""
+    """Coerce ints to floats where a float is expected; reject anything else of the wrong type or range."""
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not type(default):
         raise ConfigError(f"{key} must be {_type_name(default)}, got {value!r}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(CHOICES[key])}")
-    if key in RANGES:
-        lo, hi = RANGES[key]
-        if not (lo <= value <= hi) and not (key in AUTO_KEYS and value == -1):
-            raise ConfigError(f"{key} = {value!r} is out of range; allowed: {lo} to {hi}"
-                              + (" (or -1 to derive it)" if key in AUTO_KEYS else ""))
-    if key in AUTO_KEYS and isinstance(value, (int, float)) and value < 0 and value != -1:
-        raise ConfigError(f"{key} = {value!r} is not allowed; use a positive value or -1 to derive it")
+    rule = KEYS.get(key, Rule())
+    if isinstance(value, str) and rule.choices and value not in rule.choices:
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(rule.choices)}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} = {value!r} is not allowed; it must be a finite number")
+        if rule.auto and value < 0:
+            if value != -1:
+                raise ConfigError(f"{key} = {value!r} is not allowed; use a positive value or -1 to derive it")
+        elif not rule.lo <= value <= rule.hi:
+            raise ConfigError(f"{key} = {value!r} is out of range; allowed: {rule.lo} to {_fmt(rule.hi)}"
+                              + (" (or -1 to derive it)" if rule.auto else ""))
     return value
 
 
-def _apply(sections: dict, updates: dict, where: str) -> None:
+def _apply(sections: dict, updates: Any, where: str) -> None:
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{where} must be a table of sections, got {updates!r}")
     for sec, kv in updates.items():
         if sec not in sections:
             raise ConfigError(f"unknown config section '{sec}' in {where}{_nearest(sec, sections)}")
@@ -120,11 +175,13 @@ def parse_override(item: str) -> tuple[str, str, Any]:
 
 
 class Config:
-    """Validated sections. `cfg["base_train"]` is a plain dict; `cfg.get("base_train.depth")`."""
+    """Resolved sections (`cfg["base_train"]` is a plain dict, `cfg.get("base_train.depth")`), and the
+    validated inputs they were derived from (what `save` writes)."""
 
-    def __init__(self, sections: dict[str, dict], profile: str):
+    def __init__(self, sections: dict[str, dict], profile: str, inputs: dict[str, dict] | None = None):
         self.sections = sections
         self.profile = profile
+        self.inputs = inputs if inputs is not None else sections
 
     def __getitem__(self, section: str) -> dict:
         return self.sections[section]
@@ -137,18 +194,22 @@ class Config:
         return {"profile": self.profile, **{s: dict(kv) for s, kv in self.sections.items()}}
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic_write(path, dumps_toml({"meta": {"profile": self.profile}, **self.sections}))
+        atomic_write(path, dumps_toml({"meta": {"profile": self.profile}, **self.inputs}))
 
 
 def load_config(profile: str | None = None, overrides=(), path: str | os.PathLike | None = None) -> Config:
-    """Defaults from nanochat.toml, then the profile (or a saved run config at `path`), then overrides."""
+    """Defaults from nanochat.toml, then the profile (or a saved run config at `path`), then overrides,
+    then `derive`."""
     repo = _read_toml(config_path())
-    if "defaults" not in repo:
+    if not isinstance(repo.get("defaults"), dict):
         raise ConfigError(f"{config_path()} has no [defaults] table")
     sections = {s: dict(kv) for s, kv in repo["defaults"].items()}
     if path is not None:
         saved = _read_toml(Path(path))
-        profile = saved.pop("meta", {}).get("profile", profile or "custom")
+        meta = saved.pop("meta", {})
+        if not isinstance(meta, dict) or not isinstance(meta.get("profile", ""), str):
+            raise ConfigError(f"[meta] in {path} must be a table with a string 'profile', got {meta!r}")
+        profile = meta.get("profile", profile or "custom")
         _apply(sections, saved, str(path))
     elif profile is not None:
         profiles = repo.get("profiles", {})
@@ -158,21 +219,21 @@ def load_config(profile: str | None = None, overrides=(), path: str | os.PathLik
     for item in overrides:
         sec, k, v = parse_override(item)
         _apply(sections, {sec: {k: v}}, f"--set {item}")
-    cfg = Config(sections, profile or "defaults")
-    _check_consistency(cfg)
-    return cfg
+    _check_consistency(sections)
+    from nanochat.scaling import derive
+    return Config(derive(sections), profile or "defaults", inputs=sections)
 
 
-def _check_consistency(cfg: Config) -> None:
-    run = cfg["run"]
+def _check_consistency(sections: dict) -> None:
+    run, data, bt = sections["run"], sections["data"], sections["base_train"]
     if run["nnodes"] > 1 and not run["rdzv_endpoint"]:
         raise ConfigError("run.nnodes > 1 needs run.rdzv_endpoint (host:port of the rendezvous node)")
-    if cfg["data"]["source"] == "local" and not cfg["data"]["dir"]:
+    if data["source"] == "local" and not data["dir"]:
         raise ConfigError("data.source = 'local' needs data.dir (a directory of .parquet, .txt or .jsonl files)")
-    bt = cfg["base_train"]
-    if bt["depth"] * bt["aspect_ratio"] < bt["head_dim"]:
-        raise ConfigError(f"base_train: width depth*aspect_ratio = {bt['depth'] * bt['aspect_ratio']} is smaller "
-                          f"than head_dim = {bt['head_dim']}; lower head_dim or raise depth")
+    from nanochat.dataset import SOURCES
+    if data["source"] in SOURCES and data["num_shards"] > SOURCES[data["source"]].max_shard:
+        raise ConfigError(f"data.num_shards = {data['num_shards']} is more than {data['source']} has; "
+                          f"allowed: 1 to {SOURCES[data['source']].max_shard}")
     if set(bt["window_pattern"]) - {"S", "L"} or not bt["window_pattern"]:
         raise ConfigError(f"base_train.window_pattern = {bt['window_pattern']!r}: use only the letters S and L")
     for s in run["stages"]:
@@ -180,13 +241,16 @@ def _check_consistency(cfg: Config) -> None:
             raise ConfigError(f"run.stages entry {s!r} must be a stage module name, optionally with :phase")
 
 
-# ------------------------------------------------------------------------------------------- derivations
+# ------------------------------------------------------------------------------------------- data
 
 def data_dir(cfg: Config) -> Path:
+    from nanochat.dataset import SOURCES
     d = cfg["data"]
     if d["dir"]:
         return Path(d["dir"]).expanduser()
-    return get_base_dir() / ("demo_data" if d["source"] == "demo" else "base_data")
+    if d["source"] in SOURCES:
+        return get_base_dir() / SOURCES[d["source"]].dir_name
+    return get_base_dir() / "demo_data"
 
 
 def fill_command(cfg: Config) -> str:
@@ -194,9 +258,9 @@ def fill_command(cfg: Config) -> str:
     src, d = cfg["data"]["source"], data_dir(cfg)
     if src == "demo":
         return f"python -m nanochat.demo_corpus --dir {d}"
-    if src == "fineweb":
-        return f"python -m nanochat.dataset -n {cfg['data']['num_shards']} --dir {d}"
-    return f"put .parquet, .txt or .jsonl files into {d}"
+    if src == "local":
+        return f"put .parquet, .txt or .jsonl files into {d}"
+    return f"python -m nanochat.dataset --source {src} -n {cfg['data']['num_shards']} --dir {d}"
 
 
 def check_data_dir(cfg: Config) -> Path:
@@ -204,26 +268,6 @@ def check_data_dir(cfg: Config) -> Path:
     if not d.is_dir() or not any(d.iterdir()):
         raise ConfigError(f"data directory {d} is missing or empty; fill it with: {fill_command(cfg)}")
     return d
-
-
-def model_dims(depth: int, aspect_ratio: int = 64, head_dim: int = 128) -> dict:
-    """Width and heads from depth: width grows linearly with depth, heads keep a fixed size."""
-    n_embd = depth * aspect_ratio
-    n_head = max(1, n_embd // head_dim)
-    return {"n_layer": depth, "n_embd": n_embd, "n_head": n_head, "n_kv_head": n_head}
-
-
-def derive_total_batch(num_params: int, seq_len: int) -> int:
-    """Tokens per step: 2^19 at d20 (~560M params), growing with sqrt(params), a power of two,
-    at least one sequence. Larger models tolerate (and need) larger batches; sqrt is a gentle rule."""
-    ref_params, ref_batch = 560e6, 2 ** 19
-    tokens = ref_batch * math.sqrt(num_params / ref_params)
-    return max(seq_len, 2 ** round(math.log2(tokens)))
-
-
-def derive_num_iterations(num_params: int, total_batch: int, ratio: float) -> int:
-    """Training horizon from the tokens:params ratio."""
-    return max(1, round(ratio * num_params / total_batch))
 
 
 # ------------------------------------------------------------------------------------------- TOML writer

@@ -166,12 +166,14 @@ def eval_batches(tokenizer, files, B: int, T: int, rank: int = 0, world_size: in
 
 
 class ConversationPacker:
-    """next(packer) -> (x, y) of shape (B, T): rendered conversations packed BOS-aligned, best fit.
+    """next(packer) -> (x, y) of shape (B, T): rendered conversations packed BOS-aligned, best fit, never cropped.
 
     Rank r reads examples r, r + world_size, ... of the mixture. Rows are filled from a small buffer of
-    rendered conversations: the longest that still fits goes in; when none fits, the shortest is cropped
-    to the space left. The state (next index, epoch, indices waiting in the buffer) is a few integers, and
-    rendering is deterministic, so a resumed packer continues with exactly the same batches.
+    rendered conversations: the longest that still fits goes in; when none fits, the rest of the row is
+    padded with BOS tokens whose targets are -1 (ignored by the loss), and the conversations wait for the
+    next row. Only a conversation longer than a whole row is cropped (rendering stops at T + 1 tokens).
+    The state (next index, epoch, indices waiting in the buffer) is a few integers, and rendering is
+    deterministic, so a resumed packer continues with exactly the same batches.
     """
 
     def __init__(self, tokenizer, data, B: int, T: int, rank: int = 0, world_size: int = 1, device="cpu",
@@ -180,6 +182,7 @@ class ConversationPacker:
             raise ValueError(f"the mixture has {len(data)} conversations: too few for rank {rank} of {world_size}")
         self.tokenizer, self.data, self.B, self.T = tokenizer, data, B, T
         self.rank, self.world_size, self.device, self.buffer_size = rank, world_size, torch.device(device), buffer_size
+        self.bos = tokenizer.get_bos_token_id()
         self.cursor, self.epoch, self.buffer = rank, 1, []  # buffer: [(index, ids)]
         if state:
             self.cursor, self.epoch = state["cursor"], state["epoch"]
@@ -189,29 +192,32 @@ class ConversationPacker:
         ids, _ = self.tokenizer.render_conversation(self.data[i], max_tokens=self.T + 1)
         return ids
 
-    def _take(self, space: int) -> list[int]:
+    def _take(self, space: int) -> list[int] | None:
+        """The longest buffered conversation of at most `space` tokens, or None when none fits."""
         while len(self.buffer) < self.buffer_size:
             if self.cursor >= len(self.data):
                 self.cursor, self.epoch = self.rank, self.epoch + 1
             self.buffer.append((self.cursor, self.render(self.cursor)))
             self.cursor += self.world_size
         fits = [k for k, (_, ids) in enumerate(self.buffer) if len(ids) <= space]
-        k = max(fits, key=lambda k: len(self.buffer[k][1])) if fits else \
-            min(range(len(self.buffer)), key=lambda k: len(self.buffer[k][1]))
-        return self.buffer.pop(k)[1][:space]
+        return self.buffer.pop(max(fits, key=lambda k: len(self.buffer[k][1])))[1] if fits else None
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        rows = []
+        rows, real = [], []  # real: how many leading tokens of the row are conversation (the rest is padding)
         for _ in range(self.B):
             row = []
-            while len(row) < self.T + 1:
-                row += self._take(self.T + 1 - len(row))
-            rows.append(row)
+            while len(row) < self.T + 1 and (ids := self._take(self.T + 1 - len(row))) is not None:
+                row += ids  # an empty row always takes one: rendering caps a conversation at T + 1 tokens
+            real.append(len(row))
+            rows.append(row + [self.bos] * (self.T + 1 - len(row)))
         rows = torch.tensor(rows, dtype=torch.long)
-        return rows[:, :-1].contiguous().to(self.device), rows[:, 1:].contiguous().to(self.device)
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].clone()
+        pad = torch.arange(1, self.T + 1)[None, :] >= torch.tensor(real)[:, None]  # target position is padding
+        y[pad] = -1
+        return x.to(self.device), y.to(self.device)
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor, "epoch": self.epoch, "buffer": [i for i, _ in self.buffer]}

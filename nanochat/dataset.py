@@ -1,10 +1,10 @@
-"""Where pretraining text comes from: FineWeb-Edu shards downloaded from HuggingFace, or a local directory.
+"""Where pretraining text comes from: ClimbMix or FineWeb-Edu shards downloaded from HuggingFace, or a local directory.
 
 Two halves:
 
-1. `download_shards` fetches the shuffled FineWeb-Edu parquet shards nanochat trains on
-   (`python -m nanochat.dataset -n 8`): parallel, retried with backoff, written to `<name>.partial`
-   and renamed into place only when complete, resumed with an HTTP Range request after a crash.
+1. `download_shards` fetches the shuffled parquet shards of a source in `SOURCES`
+   (`python -m nanochat.dataset --source climbmix -n 8`): parallel, retried with backoff, written to
+   `<name>.partial` and renamed into place only when complete, resumed with an HTTP Range request after a crash.
 2. `list_data_files` / `iter_documents` read a directory of `.parquet` (a `text` column), `.txt`
    (documents separated by blank lines), `.jsonl` (`{"text": ...}`) or WikiExtractor `<doc>` files,
    and hand each rank its share of the documents with a resumable position.
@@ -28,33 +28,54 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from nanochat.common import fsync_dir, get_base_dir
 
-# ----------------------------------------------------------------------------- FineWeb-Edu shards
-
-BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
-MAX_SHARD = 1822  # shards 0..1822 exist; the last one is held out as the validation split
-DOWNLOAD_HINT = "python -m nanochat.dataset -n 8"  # what error messages tell users to run
+# ----------------------------------------------------------------------------- downloadable shards
 
 
-def default_data_dir() -> Path:
-    return get_base_dir() / "base_data"
+@dataclass(frozen=True)
+class Source:
+    base_url: str
+    max_shard: int          # shards 0..max_shard exist; the last one is held out as the validation split
+    dir_name: str           # default directory under $NANOCHAT_BASE_DIR
+    chars_per_shard: float  # both were repackaged into shards of ~250 M characters of text
+
+
+# Both are stored as parquet shards with a `text` column (karpathy's repackaging, the same loader reads
+# both). ClimbMix (NVIDIA's curated web/code/math mix) gives a better CORE per FLOP than FineWeb-Edu,
+# per karpathy/nanochat's log of 2026-03-04, and is the profiles' default.
+SOURCES = {
+    "climbmix": Source("https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main", 6542,
+                       "base_data_climbmix", 250e6),
+    "fineweb": Source("https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main", 1822,
+                      "base_data", 250e6),
+}
+# Characters per token of a 32,768-token BPE, for planning before a tokenizer exists: this project
+# measured 4.36 bytes/token on English Wikipedia (docs/tokenizer.md); web text is assumed to compress alike.
+CHARS_PER_TOKEN = 4.36
+DOWNLOAD_HINT = "python -m nanochat.dataset --source climbmix -n 8"  # what error messages tell users to run
+
+
+def default_data_dir(source: str = "climbmix") -> Path:
+    return get_base_dir() / SOURCES[source].dir_name
 
 
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.parquet"
 
 
-def shard_indices(n: int) -> list[int]:
+def shard_indices(n: int, source: str = "climbmix") -> list[int]:
     """The first n training shards plus the validation shard (n = -1: all of them)."""
-    if n == -1 or n >= MAX_SHARD:
-        return list(range(MAX_SHARD + 1))
+    last = SOURCES[source].max_shard
+    if n == -1 or n >= last:
+        return list(range(last + 1))
     if n < 0:
-        raise ValueError(f"-n {n} is not allowed: use 1..{MAX_SHARD} training shards, or -1 for all")
-    return list(range(n)) + [MAX_SHARD]
+        raise ValueError(f"-n {n} is not allowed: use 1..{last} training shards, or -1 for all")
+    return list(range(n)) + [last]
 
 
 class _Incomplete(Exception):
@@ -141,16 +162,16 @@ def download_file(url: str, dest: Path, *, attempts: int = 5, backoff: float = 1
 
 
 def download_shards(indices: Iterable[int], data_dir: str | os.PathLike | None = None, *,
-                    base_url: str | None = None, workers: int = 8, attempts: int = 5, backoff: float = 1.0,
-                    timeout: float = 60.0, progress: bool = True) -> list[Path]:
-    """Fetch the given FineWeb-Edu shards into data_dir in parallel; returns their paths.
+                    source: str = "climbmix", base_url: str | None = None, workers: int = 8, attempts: int = 5,
+                    backoff: float = 1.0, timeout: float = 60.0, progress: bool = True) -> list[Path]:
+    """Fetch the given shards of `source` into data_dir in parallel; returns their paths.
 
-    base_url (else $NANOCHAT_DATA_URL, else HuggingFace) lets tests and mirrors stand in for the hub.
-    Raises RuntimeError naming every shard that still failed after all retries.
+    base_url (else $NANOCHAT_DATA_URL, else the source's HuggingFace location) lets tests and mirrors
+    stand in for the hub. Raises RuntimeError naming every shard that still failed after all retries.
     """
-    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    data_dir = Path(data_dir) if data_dir else default_data_dir(source)
     data_dir.mkdir(parents=True, exist_ok=True)
-    base_url = (base_url or os.environ.get("NANOCHAT_DATA_URL") or BASE_URL).rstrip("/")
+    base_url = (base_url or os.environ.get("NANOCHAT_DATA_URL") or SOURCES[source].base_url).rstrip("/")
     indices = list(indices)
     todo = [i for i in indices if not (data_dir / shard_name(i)).exists()]
 
@@ -328,16 +349,18 @@ def read_documents(files: list[Path], positions: list) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nanochat.dataset",
-                                 description="Download FineWeb-Edu shards (~100 MB each, the last one is the val split).")
+                                 description="Download pretraining shards (~250 M characters each, the last one is the val split).")
+    ap.add_argument("--source", choices=list(SOURCES), default="climbmix", help="which corpus (default climbmix)")
     ap.add_argument("-n", "--num-shards", type=int, default=8,
-                    help=f"training shards to fetch (plus the val shard); -1 = all {MAX_SHARD + 1}")
-    ap.add_argument("--dir", type=Path, default=None, help=f"target directory (default {default_data_dir()})")
+                    help="training shards to fetch (plus the val shard); -1 = all of the source's")
+    ap.add_argument("--dir", type=Path, default=None, help="target directory (default <base>/base_data_climbmix "
+                                                           "for climbmix, <base>/base_data for fineweb)")
     ap.add_argument("-w", "--workers", type=int, default=8, help="parallel downloads")
     ap.add_argument("--url", default=None, help="base URL (default $NANOCHAT_DATA_URL or HuggingFace)")
     args = ap.parse_args(argv)
     try:
-        indices = shard_indices(args.num_shards)
-        paths = download_shards(indices, args.dir, base_url=args.url, workers=args.workers)
+        indices = shard_indices(args.num_shards, args.source)
+        paths = download_shards(indices, args.dir, source=args.source, base_url=args.url, workers=args.workers)
     except (ValueError, RuntimeError) as e:
         print(f"nanochat: error: {e}", file=sys.stderr)
         return 1

@@ -5,7 +5,7 @@
         ...
     results, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
     for ev in engine.stream_chat({"messages": [{"role": "user", "content": "hi"}]}):
-        ev -> {"type": "text", "text"} | {"type": "tool_call", "code"} | {"type": "tool_result", "output", "status"}
+        ev -> {"type": "text", "text"} | {"type": "tool_call", "code"} | {"type": "tool_result", "output", "status", "isolation"}
               | {"type": "notice", "text"} | {"type": "done", "reason", "tokens"}
 
 How a generation runs: the prompt is prefilled once at batch 1, its KV cache copied into every row of
@@ -24,8 +24,8 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, VE_GATE_CHANNELS, KVCache, norm
-from nanochat.sandbox import calculator
+from nanochat.gpt import GPT, QK_SCALE, VE_GATE_CHANNELS, VE_GATE_SCALE, KVCache, norm
+from nanochat.sandbox import calculator, isolation
 
 SPECIALS = ("<|bos|>", "<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>",
             "<|output_end|>")
@@ -183,9 +183,9 @@ class Engine:
             k = attn.c_k(h).view(B, attn.n_kv_head, attn.head_dim)
             v = attn.c_v(h).view(B, attn.n_kv_head, attn.head_dim)
             if attn.ve_gate is not None:
-                gate = torch.sigmoid(attn.ve_gate(h[..., :VE_GATE_CHANNELS])).mul_(2).view(B, attn.n_kv_head, 1)
+                gate = torch.sigmoid(attn.ve_gate(h[..., :VE_GATE_CHANNELS])).mul_(VE_GATE_SCALE).view(B, attn.n_kv_head, 1)
                 v = torch.addcmul(v, gate, m.value_embeds[str(i)](ids).view_as(v))
-            q, k = norm(q), norm(k)
+            q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
             q = torch.addcmul(q * C, q.roll(half, -1), S)
             k = torch.addcmul(k * C, k.roll(half, -1), S)
             cache.k[i, :, :, pos].copy_(k)
@@ -229,7 +229,7 @@ class Engine:
         output, status = calculator(code, timeout=self.tool_timeout)
         if len(output) > MAX_TOOL_OUTPUT_CHARS:
             output = output[:MAX_TOOL_OUTPUT_CHARS] + "…"
-        row.tool_calls.append({"code": code, "output": output, "status": status})
+        row.tool_calls.append({"code": code, "output": output, "status": status, "isolation": isolation()})
         row.forced.extend([self.output_start, *self.tokenizer.encode(output), self.output_end])
 
     @torch.inference_mode()
@@ -360,7 +360,8 @@ class Engine:
                 in_code = False
                 call = row.tool_calls[-1]
                 yield {"type": "tool_call", "code": call["code"]}
-                yield {"type": "tool_result", "output": call["output"], "status": call["status"]}
+                yield {"type": "tool_result", "output": call["output"], "status": call["status"],
+                       "isolation": call["isolation"]}
             elif not in_code and masks[0] == 1 and t not in self.specials:
                 text = decoder.push(t)
                 if text:
@@ -371,5 +372,5 @@ class Engine:
         if in_code:  # the reply ended inside a tool call: show what the model wrote, say it was not run
             yield {"type": "tool_call", "code": self.tokenizer.decode(code)}
             yield {"type": "tool_result", "output": "the reply ended before <|python_end|>: not run",
-                   "status": "unfinished"}
+                   "status": "unfinished", "isolation": isolation()}
         yield {"type": "done", "reason": row.reason if row else "stop", "tokens": n}

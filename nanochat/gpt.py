@@ -4,11 +4,13 @@ A decoder-only transformer, read top to bottom:
 - token embedding -> RMS norm (no learnable params anywhere in the norms) -> n_layer blocks -> norm -> lm_head
 - rotary position embeddings, QK RMS-norm, grouped-query attention (n_kv_head <= n_head), no biases
 - ReLU^2 MLP, untied input/output embeddings, logits soft-capped with softcap * tanh(logits / softcap)
-- per-layer scalars: each block sees resid_lambda[i] * x + x0_lambda[i] * x0 (x0 = the normed embedding)
+- per-layer scalars: each block sees resid_lambda[i] * x + x0_lambda[i] * x0 (x0 = the normed embedding);
+  at init resid_lambda falls from 1.15 (first layer) to 1.05 (last) and x0_lambda from 0.20 to 0.05
 - value embeddings: every other layer (always including the last) has its own embedding table whose row
-  for the current token is added to V, scaled per kv-head by a learned gate 2*sigmoid(W_g x[:32]) (1 at init)
+  for the current token is added to V, scaled per kv-head by a learned gate 3*sigmoid(W_g x[:12])
+- queries and keys are RMS-normed then scaled by 1.2 (sharper attention than plain QK-norm); rotary base 100k
 - sliding-window attention: window_pattern like "SSSL" is tiled over the layers; S attends to the last
-  sequence_len // 2 positions, L to everything; the last layer is always L
+  quarter of the context (rounded up to a multiple of 128), L to everything; the last layer is always L
 
 Parameters are fp32 masters; forward() runs its matmuls in the compute dtype (bf16 on CUDA SM80+, fp32 on
 CPU, `compute_dtype=` or $NANOCHAT_DTYPE override it) and always returns fp32 logits / loss.
@@ -25,7 +27,10 @@ import torch.nn.functional as F
 
 from nanochat.common import default_compute_dtype
 
-VE_GATE_CHANNELS = 32  # the value-embedding gate looks at the first 32 channels of the block input
+VE_GATE_CHANNELS = 12  # the value-embedding gate looks at the first 12 channels of the block input
+VE_GATE_SCALE = 3.0    # gate = 3 * sigmoid(.): (0, 3), so a layer can lean on its value embedding
+QK_SCALE = 1.2         # after QK RMS-norm: logits up to 1.44x sharper than unit-norm q, k allow
+ROTARY_BASE = 100_000
 
 
 @dataclass
@@ -60,22 +65,15 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    @classmethod
-    def from_depth(cls, depth, vocab_size, sequence_len, aspect_ratio=64, head_dim=128, **kw) -> "GPTConfig":
-        """depth is the one dial: width = depth * aspect_ratio, heads of head_dim channels (at least one)."""
-        if depth < 1:
-            raise ValueError(f"depth={depth} must be >= 1")
-        n_embd = depth * aspect_ratio
-        n_head = max(1, n_embd // head_dim)
-        while n_embd % n_head:  # keep heads an exact split of the width
-            n_head -= 1
-        return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                   n_kv_head=n_head, n_embd=n_embd, **kw)
-
     def window_sizes(self) -> list[int | None]:
-        """Per-layer attention window in tokens (None = full context). The last layer is always full."""
+        """Per-layer attention window in tokens (None = full context). The last layer is always full.
+        Short windows are a quarter of the context, rounded up to a multiple of 128 (a tile of the flash
+        kernels) from a 512-token context up; tiny test contexts keep the exact quarter."""
         pattern = self.window_pattern.upper()
-        wins = [self.sequence_len // 2 if pattern[i % len(pattern)] == "S" else None for i in range(self.n_layer)]
+        short = -(-self.sequence_len // 4)
+        if self.sequence_len >= 512:
+            short = -(-short // 128) * 128
+        wins = [short if pattern[i % len(pattern)] == "S" else None for i in range(self.n_layer)]
         wins[-1] = None
         return [w if w and w < self.sequence_len else None for w in wins]
 
@@ -199,9 +197,9 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
+            gate = VE_GATE_SCALE * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve.view_as(v)
-        q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
+        q, k = apply_rotary(norm(q) * QK_SCALE, cos, sin), apply_rotary(norm(k) * QK_SCALE, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             pos = kv_cache.pos
@@ -256,7 +254,7 @@ class GPT(nn.Module):
         self.chunked_loss = None  # None: on for CPU (saves time and memory), off on CUDA (compile fuses it)
         self.loss_chunk_rows = max(64, (1 << 24) // config.vocab_size // 64 * 64)  # ~64 MB fp32 chunks
 
-    def _rotary_tables(self, T, base=10000.0, device=None):
+    def _rotary_tables(self, T, base=ROTARY_BASE, device=None):
         d = self.config.head_dim
         inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
         angles = torch.outer(torch.arange(T, dtype=torch.float32, device=device), inv_freq)
@@ -265,21 +263,23 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """Initialise every parameter (also after building on the meta device and calling to_empty())."""
-        C = self.config.n_embd
-        bound = math.sqrt(3.0) * C ** -0.5  # uniform with std 1/sqrt(C)
-        nn.init.normal_(self.wte.weight, std=1.0)
+        C, L = self.config.n_embd, self.config.n_layer
+        bound = math.sqrt(3.0) * C ** -0.5  # uniform with std 1/sqrt(C): no outliers, same std as normal
+        nn.init.normal_(self.wte.weight, std=0.8)
         nn.init.normal_(self.lm_head.weight, std=0.001)
         for block in self.blocks:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -bound, bound)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * bound, 0.4 * bound)
             nn.init.zeros_(block.attn.c_proj.weight)  # every block starts as the identity
             nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)
+            if block.attn.ve_gate is not None:  # small positive: gates start a little above 3 * sigmoid(0)
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         for ve in self.value_embeds.values():
             nn.init.uniform_(ve.weight, -bound, bound)
-        self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(0.0)
+        depth = torch.arange(L, dtype=torch.float32, device=self.resid_lambdas.device) / max(L - 1, 1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * depth)  # early layers keep more of the residual stream,
+        self.x0_lambdas.copy_(0.20 - 0.15 * depth)     # and mix in more of the embedding
         cos, sin = self._rotary_tables(self.rotary_len, device=self.wte.weight.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
@@ -323,29 +323,37 @@ class GPT(nn.Module):
     def _scalar_params(self):
         return [self.resid_lambdas, self.x0_lambdas]
 
-    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
-                         weight_decay=0.0, adam_betas=(0.8, 0.95)):
+    def setup_optimizers(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, scalar_lr=0.5,
+                         weight_decay=0.0):
         """[AdamW, Muon]. AdamW: lm_head, token and value embeddings (LRs scaled by (n_embd/768)^-0.5, as
-        they were tuned at width 768) and the per-layer scalars. Muon: every matrix inside the blocks, with
-        weight decay. resid_lambdas get 1% of scalar_lr: the model is nearly invariant to the residual
-        stream's scale, so their gradients are tiny and Adam would turn them into full-size noisy steps.
-        Every group stores `initial_lr` so the training loop schedules lr = initial_lr * multiplier."""
+        they were tuned at width 768) and the per-layer scalars, each group with its own betas and a small
+        constant weight decay. Embeddings see each row rarely, so their second moment averages longer
+        (beta2 0.995); value embeddings take half the embedding LR. resid_lambdas get 1% of scalar_lr: the
+        model is nearly invariant to the residual stream's scale, so their gradients are tiny and Adam
+        would turn them into full-size noisy steps; x0_lambdas average their momentum longer (beta1 0.96).
+        Muon: every matrix inside the blocks, with cautious `weight_decay` (scheduled by the caller).
+        Every group stores `initial_lr` and `initial_weight_decay`; the training loop scales those."""
         from nanochat.optim import AdamW, Muon
         scale = (self.config.n_embd / 768) ** -0.5
         adam_groups = [
-            dict(params=[self.lm_head.weight], lr=unembedding_lr * scale, name="lm_head"),
-            dict(params=[self.wte.weight], lr=embedding_lr * scale, name="wte"),
-            dict(params=list(self.value_embeds.parameters()), lr=embedding_lr * scale, name="value_embeds"),
-            dict(params=[self.resid_lambdas], lr=scalar_lr * 0.01, name="resid_lambdas"),
-            dict(params=[self.x0_lambdas], lr=scalar_lr, name="x0_lambdas"),
+            dict(params=[self.lm_head.weight], lr=unembedding_lr * scale, betas=(0.8, 0.96), weight_decay=0.01,
+                 name="lm_head"),
+            dict(params=[self.wte.weight], lr=embedding_lr * scale, betas=(0.8, 0.995), weight_decay=0.001,
+                 name="wte"),
+            dict(params=list(self.value_embeds.parameters()), lr=embedding_lr * scale * 0.5, betas=(0.8, 0.995),
+                 weight_decay=0.01, name="value_embeds"),
+            dict(params=[self.resid_lambdas], lr=scalar_lr * 0.01, betas=(0.8, 0.95), weight_decay=0.05,
+                 name="resid_lambdas"),
+            dict(params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95), weight_decay=0.0, name="x0_lambdas"),
         ]
         adam_groups = [g for g in adam_groups if g["params"]]
-        adamw = AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0)
-        muon = Muon(self._matrix_params(), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay)
+        adamw = AdamW(adam_groups, eps=1e-10)
+        muon = Muon(self._matrix_params(), lr=matrix_lr, momentum=0.95, beta2=0.9, weight_decay=weight_decay)
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
+                group["initial_weight_decay"] = group["weight_decay"]
         n_opt = sum(len(g["params"]) for o in optimizers for g in o.param_groups)
         assert n_opt == len(list(self.parameters())), "every parameter must be in exactly one optimizer"
         return optimizers

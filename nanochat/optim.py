@@ -59,44 +59,82 @@ def _launch_all_gather(full: torch.Tensor, shard: torch.Tensor, ws: int, gloo: b
 
 # ----------------------------------------------------------------------------- Muon
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients tuned for fast convergence
+# Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932): one quintic (a, b, c) per iteration,
+# each chosen for the spectrum the previous one leaves (5 iterations, safety factor 2e-2, cushion 2).
+# Fixed coefficients (the older 3.4445, -4.7750, 2.0315) leave singular values spread over [0.7, 1.2].
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 
 
 def orthogonalize(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately replace each matrix of G (k, m, n) by U V^T from its SVD, with a quintic Newton-Schulz
-    iteration (bf16 on CUDA where it is fast and accurate enough, fp32 elsewhere). The result's singular
-    values land roughly in [0.7, 1.2] rather than exactly 1, which works as well in practice."""
-    a, b, c = NS_COEFFS
+    """Approximately replace each matrix of G (k, m, n) by U V^T from its SVD, in float32 on CPU and bf16
+    on CUDA (fast, and accurate enough). Before: rows are rescaled to the mean row norm, so that one
+    loud row does not squeeze the rest of the spectrum. After: the Frobenius norm is set to sqrt(min(m, n)),
+    that of an exactly semi-orthogonal matrix, which corrects the iteration's under-convergence."""
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    Xf = X.float()
+    rows = Xf.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    X = X * (Xf.norm(dim=(-2, -1), keepdim=True) / X.size(-2) ** 0.5 / rows).to(X.dtype)
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the smaller Gram matrix
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)  # spectral norm <= Frobenius norm < 1
+    for a, b, c in POLAR_EXPRESS[:steps]:
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
         X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)  # a*X + B@X
+    X = X.float()
+    X = X * (min(X.shape[-2:]) ** 0.5 / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
     return X.mT if tall else X
+
+
+def normalize_variance(U: torch.Tensor, second: list[torch.Tensor], beta2: float) -> torch.Tensor:
+    """NorMuon (arXiv:2510.05491): orthogonalised updates (k, m, n) still have unequal scales across
+    neurons, so each row (tall and square matrices) or column (wide ones) is divided by the root of a
+    running mean of its squared update, then the whole matrix is rescaled to its old Frobenius norm:
+    the direction changes, the step size does not. `second` holds each matrix's (m, 1) or (1, n) buffer."""
+    dim = -1 if U.size(-2) >= U.size(-1) else -2
+    sq = U.square().mean(dim=dim, keepdim=True)
+    buf = torch.stack(second)
+    buf.lerp_(sq, 1 - beta2)
+    torch._foreach_copy_(second, list(buf.unbind(0)))
+    scaled = U * buf.clamp_min(1e-10).rsqrt()
+    return scaled * (U.norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
 
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-schulz, for 2-D weight matrices.
 
-    update = orthogonalize(nesterov momentum of the gradient), scaled by sqrt(max(1, rows/cols)) so tall
-    matrices get a comparable per-element step; decoupled weight decay p *= 1 - lr * weight_decay.
-    Params are grouped by shape (one group per shape) so each group is orthogonalised in one batched call.
+    update = NorMuon-normalised orthogonalize(nesterov momentum of the gradient), scaled by
+    sqrt(max(1, rows/cols)) so tall matrices get a comparable per-element step. Weight decay is cautious:
+    p -= lr * wd * p only where the update and the weight have the same sign (where the step already
+    shrinks the weight), so decay never fights the gradient. Params are grouped by shape (one group per
+    shape) so each group is orthogonalised in one batched call.
     """
 
-    is_muon = True  # lets a training loop find the optimizer whose momentum it schedules
+    is_muon = True  # lets a training loop find the optimizer whose momentum and decay it schedules
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, beta2=0.9):
         params = list(params)
         if any(p.ndim != 2 for p in params):
             raise ValueError("Muon only takes 2-D matrices; give embeddings, heads and scalars to AdamW")
         shapes = sorted({tuple(p.shape) for p in params}, key=lambda s: (-s[0] * s[1], s))  # same on every rank
         groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
         super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                      weight_decay=weight_decay))
+                                      weight_decay=weight_decay, beta2=beta2))
+
+    def _state(self, p):
+        st = self.state[p]
+        if "momentum_buffer" not in st:
+            m, n = p.shape
+            st["momentum_buffer"] = torch.zeros_like(p)
+            st["second_moment"] = torch.zeros((m, 1) if m >= n else (1, n), dtype=torch.float32, device=p.device)
+        return st
 
     @torch.no_grad()
     def step(self):
@@ -122,11 +160,8 @@ class Muon(torch.optim.Optimizer):
             owned = ps[lo:hi]
             if owned:
                 g = g[:len(owned)]
-                bufs = []
-                for p in owned:
-                    if "momentum_buffer" not in self.state[p]:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                    bufs.append(self.state[p]["momentum_buffer"])
+                states = [self._state(p) for p in owned]
+                bufs = [st["momentum_buffer"] for st in states]
                 mom = group["momentum"]
                 gs = list(g.unbind(0))
                 torch._foreach_lerp_(bufs, gs, 1 - mom)  # buf = mom * buf + (1 - mom) * g
@@ -135,12 +170,15 @@ class Muon(torch.optim.Optimizer):
                     upd = g
                 else:
                     upd = torch.stack(bufs)
-                upd = orthogonalize(upd, group["ns_steps"]).to(owned[0].dtype)
+                upd = orthogonalize(upd, group["ns_steps"])
+                upd = normalize_variance(upd, [st["second_moment"] for st in states], group["beta2"])
                 m, n = owned[0].shape
-                lr = group["lr"]
-                if group["weight_decay"]:
-                    torch._foreach_mul_(owned, 1 - lr * group["weight_decay"])
-                torch._foreach_add_(owned, list(upd.unbind(0)), alpha=-lr * max(1.0, m / n) ** 0.5)
+                lr = group["lr"] * max(1.0, m / n) ** 0.5
+                W = torch.stack(owned)
+                upd = upd.to(W.dtype)
+                if group["weight_decay"]:  # cautious: decay only where the update already shrinks |W|
+                    upd = upd + group["weight_decay"] * W * ((upd * W) >= 0)
+                torch._foreach_add_(owned, list(upd.unbind(0)), alpha=-lr)
             if ws > 1:  # 3. share the owned matrices (padding entries are zeros)
                 shard = torch.zeros((per_rank,) + tuple(ps[0].shape), dtype=ps[0].dtype, device=ps[0].device)
                 if owned:

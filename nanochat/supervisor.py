@@ -8,8 +8,18 @@ killing the driver never kills a stage. Clients (CLI, TUI) read `state.json` and
 through the functions below; they never need the driver to be alive to stop a stage.
 
 Stage states: pending -> running -> succeeded | failed | stopped; pending | failed | stopped -> skipped.
-A process is ours only if both its pid and its start time match what we recorded, so a pid reused
-by an unrelated process after a reboot or a crash is never signalled or waited for.
+A process is ours only if its host, the kernel's boot id, its pid and its start time (within
+START_TOLERANCE_S) match what we recorded, so a pid reused by an unrelated process after a reboot or a
+crash is never signalled or waited for.
+
+A stage is a tree of processes, not one: torchrun starts every worker in a session of its own, and a
+worker whose torchrun died is reparented. So each launch gets a token in its environment
+(NANOCHAT_STAGE_TOKEN, inherited by every descendant), the driver is a child subreaper (orphans of the
+stage become its children) and records the tree's pids with their start times in state.json. The
+stage's processes are the union of the recorded ones, those carrying the token, and their descendants;
+stops signal all of them. The launch is recorded (status running, token, no pid yet) before the
+process is started, so a driver killed at any moment leaves a state from which the next driver either
+adopts the stage's processes (found by token) or, if none ever ran, launches it once.
 
 Locks: `supervisor.lock` (flock) is held by the driver for its whole life, so two drivers never
 drive one run. `.state.lock` (flock) is held for a moment around each read-modify-write of
@@ -29,6 +39,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +55,14 @@ STATE_FILE, CONFIG_FILE, LOCK_FILE, STATE_LOCK, DRIVER_LOG = \
 STATE_VERSION = 1
 POLL_S = 0.2            # how often the driver looks at its stage; stages take minutes, this is cheap
 TRACEBACK_LINES = 20    # last lines of a traceback (or of stderr) kept in state.json
-KILL_GRACE_S = 5.0      # after SIGKILL, how long we wait for the kernel to reap the group
+KILL_GRACE_S = 5.0      # after SIGKILL, how long we wait for the kernel to reap the tree
+# torchrun, sent SIGTERM, forwards it to its workers and SIGKILLs them after 30 s; our SIGKILL comes
+# only after that window, so a stage that checkpoints in time is never cut off mid-write
+TORCHRUN_SHUTDOWN_S = 30.0
+STOP_TIMEOUT_S = TORCHRUN_SHUTDOWN_S + 10.0
+START_TOLERANCE_S = 1.0  # start times differ by rounding and by small clock steps; pids are not reused that fast
+TRACK_S = 1.0            # how often the driver records its stage's process tree
+TOKEN_ENV = "NANOCHAT_STAGE_TOKEN"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -130,9 +148,15 @@ def _new_stage_state(spec: dict) -> dict:
 def read_state(run_dir) -> dict:
     path = Path(run_dir) / STATE_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        st = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise SupervisorError(f"{run_dir} is not a run directory (no {STATE_FILE})") from None
+    except (OSError, ValueError) as e:  # written atomically, so only a foreign hand gets here
+        raise SupervisorError(f"{path} is unreadable ({type(e).__name__}: {e}); restore it or delete the run") from None
+    if not isinstance(st, dict) or not isinstance(st.get("stages"), list) or \
+            not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in st["stages"]):
+        raise SupervisorError(f"{path} is not a nanochat run state (no list of named stages)")
+    return st
 
 
 def run_status(st: dict) -> str:
@@ -177,15 +201,31 @@ def _find_stage(st: dict, name: str) -> dict:
 
 # ----------------------------------------------------------------------------------------- processes
 
-def proc_alive(pid, create_time) -> bool:
-    """Is `pid` still the process we started (same start time), and not a zombie?"""
-    if not pid or create_time is None:
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+BOOT_ID, HOST = _boot_id(), socket.gethostname()
+
+
+def proc_alive(pid, create_time, boot_id: str | None = None, host: str | None = None) -> bool:
+    """Is `pid` still the process we recorded (same host, same boot, same start time), and not a zombie?
+    A process recorded on another host or before a reboot is never alive here (we cannot signal it)."""
+    if not pid or create_time is None or (boot_id and boot_id != BOOT_ID) or (host and host != HOST):
         return False
     try:
         p = psutil.Process(pid)
-        return abs(p.create_time() - create_time) < 0.05 and p.status() != psutil.STATUS_ZOMBIE
+        return abs(p.create_time() - create_time) < START_TOLERANCE_S and p.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
+
+
+def _alive(rec: dict | None) -> bool:
+    """proc_alive of a record with pid, create_time and (when recorded) boot_id and host."""
+    return bool(rec) and proc_alive(rec.get("pid"), rec.get("create_time"), rec.get("boot_id"), rec.get("host"))
 
 
 def _create_time(pid: int) -> float | None:
@@ -195,55 +235,124 @@ def _create_time(pid: int) -> float | None:
         return None
 
 
-def group_members(stage: dict) -> list[int]:
-    """Live processes of a stage's process group (its session: the stage, torchrun workers, loaders).
+def _token_pids(token: str) -> list[int]:
+    """Processes whose environment carries this launch token (every descendant inherits it)."""
+    needle, out = f"{TOKEN_ENV}={token}\0".encode(), []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if needle in f.read():
+                        out.append(int(name))
+            except OSError:
+                pass  # gone, or not ours to read
+    return out
 
-    The group id is the stage's pid. Linux never hands out a pid that is still some group's id, so if
-    the leader is gone, whatever is left in that group is ours; if a process with that pid exists but
-    started at another time, the pid was reused and the group is not ours (ours must be empty).
-    """
-    pgid, ctime = stage.get("pid"), stage.get("create_time")
-    if not pgid:
+
+def stage_procs(stage: dict, adopted: bool = False) -> list[psutil.Process]:
+    """Every live process of a stage: its leader, the recorded tree, the processes carrying its launch
+    token, and all their descendants (with `adopted`, also the orphans the calling driver adopted as
+    subreaper). Never this process, never a zombie, never a process from another host or boot."""
+    if stage.get("host") not in (None, HOST) or stage.get("boot_id") not in (None, "", BOOT_ID):
         return []
-    leader_ct = _create_time(pgid)
-    if leader_ct is not None and (ctime is None or abs(leader_ct - ctime) >= 0.05):
-        return []
-    out = []
-    for p in psutil.process_iter(["status"]):
+    roots = [stage["pid"]] if _alive(stage) else []
+    roots += [pid for pid, ct in stage.get("procs") or [] if proc_alive(pid, ct)]
+    if stage.get("token"):
+        roots += _token_pids(stage["token"])
+    found: dict[int, psutil.Process] = {}
+    for pid in roots:
         try:
-            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                out.append(p.pid)
-        except (ProcessLookupError, psutil.NoSuchProcess):
+            p = psutil.Process(pid)
+            found.setdefault(pid, p)
+            for c in p.children(recursive=True):
+                found.setdefault(c.pid, c)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    if adopted:
+        for c in psutil.Process().children(recursive=True):
+            found.setdefault(c.pid, c)
+    out = []
+    for pid, p in sorted(found.items()):
+        try:
+            if pid != os.getpid() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return out
 
 
-def _signal_group(stage: dict, sig: int) -> bool:
-    if not group_members(stage):
-        return False
-    try:
-        os.killpg(stage["pid"], sig)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+def stage_alive(stage: dict) -> bool:
+    return bool(stage_procs(stage))
 
 
-def terminate_group(stage: dict, timeout: float) -> None:
-    """SIGTERM the stage's group (it checkpoints), SIGKILL whatever is left after `timeout`."""
-    if not _signal_group(stage, signal.SIGTERM):
+def signal_stage(stage: dict, sig: int, skip=()) -> list[int]:
+    """Send `sig` to every process of the stage (but those in `skip`); the pids signalled."""
+    sent = []
+    for p in stage_procs(stage, adopted=_driving):
+        if p.pid in skip:
+            continue
+        try:
+            p.send_signal(sig)  # psutil checks the start time first: a reused pid is never signalled
+            sent.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return sent
+
+
+def terminate_stage(stage: dict, timeout: float) -> None:
+    """SIGTERM the stage's whole tree (it checkpoints; torchrun forwards it to its workers), SIGTERM any
+    process that appears meanwhile, SIGKILL whatever is left after `timeout`."""
+    termed = set(signal_stage(stage, signal.SIGTERM))
+    if not termed:
         return
     deadline = time.time() + timeout
-    while group_members(stage) and time.time() < deadline:
-        time.sleep(0.05)
-    if _signal_group(stage, signal.SIGKILL):
+    while time.time() < deadline:
+        termed.update(signal_stage(stage, signal.SIGTERM, skip=termed))
+        if not stage_procs(stage, adopted=_driving):
+            return
+        time.sleep(0.1)
+    if signal_stage(stage, signal.SIGKILL):
         deadline = time.time() + KILL_GRACE_S
-        while group_members(stage) and time.time() < deadline:
+        while stage_procs(stage, adopted=_driving) and time.time() < deadline:
+            _reap_adopted(None)
             time.sleep(0.05)
 
 
+_driving = False  # True in the driver process: it is the subreaper of its stage's orphans
+
+
+def _become_subreaper() -> None:
+    """Orphans of our stage (a worker whose torchrun died) become our children instead of init's."""
+    global _driving
+    _driving = True
+    try:
+        import ctypes
+        PR_SET_CHILD_SUBREAPER = 36
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the launch token still finds them
+
+
+def _reap_adopted(popen: subprocess.Popen | None) -> None:
+    """Collect exited adopted orphans (never the stage leader: Popen needs its exit status)."""
+    try:
+        kids = psutil.Process().children()
+    except psutil.Error:
+        return
+    for c in kids:
+        if popen is None or c.pid != popen.pid:
+            try:
+                os.waitpid(c.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
 def _driver_alive(st: dict) -> bool:
-    d = st.get("driver")
-    return bool(d) and proc_alive(d.get("pid"), d.get("create_time"))
+    return _alive(st.get("driver"))
 
 
 _spawned: list[subprocess.Popen] = []  # drivers we started: reaped here so they never linger as zombies
@@ -261,8 +370,8 @@ def _spawn_driver(run_dir: Path, st: dict) -> int:
                              stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                              cwd=_stage_cwd(run_dir), env=_child_env())
     _spawned.append(p)
-    st["driver"] = {"pid": p.pid, "create_time": _create_time(p.pid), "started": round(time.time(), 3),
-                    "host": socket.gethostname()}
+    st["driver"] = {"pid": p.pid, "create_time": _create_time(p.pid) or time.time(), "boot_id": BOOT_ID,
+                    "host": HOST, "started": round(time.time(), 3)}
     st["stop_requested"] = False
     return p.pid
 
@@ -352,7 +461,7 @@ def start_run(run_dir, from_stage: str | None = None) -> int:
         if from_stage is not None:
             idx = st["stages"].index(_find_stage(st, from_stage))
             for i, s in enumerate(st["stages"]):
-                if proc_alive(s["pid"], s["create_time"]) and s["status"] == "running":
+                if s["status"] == "running" and stage_alive(s):
                     raise SupervisorError(f"stage {s['name']} is still running; stop the run first")
                 if i < idx and s["status"] not in ("succeeded", "skipped"):
                     s["status"] = "skipped"
@@ -395,43 +504,44 @@ def skip_stage(run_dir, stage: str) -> None:
         s["status"] = "skipped"
 
 
-def stop_run(run_dir, timeout: float = 30.0) -> None:
-    """Stop the run: no new stage starts, the running stage gets SIGTERM (it checkpoints) and SIGKILL
-    after `timeout`; returns when no process of the run is left."""
+def stop_run(run_dir, timeout: float = STOP_TIMEOUT_S) -> None:
+    """Stop the run: no new stage starts, every process of the running stage gets SIGTERM (it
+    checkpoints) and SIGKILL after `timeout`; returns when no process of the run is left."""
     run_dir = Path(run_dir).resolve()
     with state_txn(run_dir) as st:
         st["stop_requested"] = True
         running = [dict(s) for s in st["stages"] if s["status"] == "running"]
         driver = dict(st["driver"]) if st.get("driver") else None
     for s in running:
-        terminate_group(s, timeout)
+        terminate_stage(s, timeout)
     # the driver notices within POLL_S, records the outcome and exits; if it is wedged, end it
     if driver:
         deadline = time.time() + max(5.0, 10 * POLL_S)
-        while proc_alive(driver["pid"], driver["create_time"]) and time.time() < deadline:
+        while _alive(driver) and time.time() < deadline:
             time.sleep(0.05)
             _reap()
-        if proc_alive(driver["pid"], driver["create_time"]):
+        if _alive(driver):
             os.kill(driver["pid"], signal.SIGKILL)
             time.sleep(0.1)
             _reap()
-    # a stage whose driver was gone (or was just killed) is finalized here
+    # a stage whose driver was gone (or was just killed) is finalized here; one it was launching as we
+    # asked for the stop (recorded after we looked) is stopped now
     with state_txn(run_dir) as st:
         if not _driver_alive(st):
             st["driver"] = None
             for s in st["stages"]:
-                if s["status"] == "running" and not proc_alive(s["pid"], s["create_time"]):
+                if s["status"] == "running":
+                    terminate_stage(s, min(timeout, 5.0))
                     _finish_stage(run_dir, s, None, stop_requested=True)
 
 
 def is_live(run_dir) -> bool:
-    """Whether anything of the run is alive: its driver or a running stage's process."""
+    """Whether anything of the run is alive: its driver or a process of a running stage."""
     try:
         st = read_state(run_dir)
     except SupervisorError:
         return False
-    return _driver_alive(st) or any(s["status"] == "running" and proc_alive(s["pid"], s["create_time"])
-                                    for s in st["stages"])
+    return _driver_alive(st) or any(s["status"] == "running" and stage_alive(s) for s in st["stages"])
 
 
 def list_runs(root=None) -> list[RunSummary]:
@@ -441,7 +551,7 @@ def list_runs(root=None) -> list[RunSummary]:
     for d in sorted(p for p in root.iterdir() if (p / STATE_FILE).is_file()) if root.is_dir() else []:
         try:
             st = read_state(d)
-        except (SupervisorError, json.JSONDecodeError, OSError):
+        except SupervisorError:
             continue
         current = next((s["name"] for s in st["stages"] if s["status"] == "running"), None) or \
             next((s["name"] for s in st["stages"] if s["status"] not in ("succeeded", "skipped")), None)
@@ -450,21 +560,26 @@ def list_runs(root=None) -> list[RunSummary]:
     return out
 
 
+def reattach(run_dir) -> bool:
+    """Start a driver for a run whose driver died while a stage was marked running (the stage may still
+    be training: the new driver waits for it; if it is gone, records how it ended). The CLI's `status`
+    and the TUI call this, so an orphaned run is picked up by whichever looks at it first.
+    Returns whether a driver was started."""
+    try:
+        st = read_state(run_dir)
+        if _driver_alive(st) or not any(s["status"] == "running" for s in st["stages"]):
+            return False
+        with state_txn(run_dir) as st:
+            _refuse_if_driven(st)
+            _spawn_driver(Path(run_dir).resolve(), st)
+        return True
+    except SupervisorError:
+        return False  # another client got there first, or the run is gone
+
+
 def reattach_orphans(root=None) -> list[Path]:
-    """Start a driver for every run whose driver died while a stage was marked running (the stage
-    may still be training: the new driver waits for it; if it is gone, records how it ended)."""
-    started = []
-    for r in list_runs(root):
-        st = read_state(r.path)
-        if not _driver_alive(st) and any(s["status"] == "running" for s in st["stages"]):
-            try:
-                with state_txn(r.path) as st:
-                    _refuse_if_driven(st)
-                    _spawn_driver(r.path, st)
-                started.append(r.path)
-            except SupervisorError:
-                pass  # another client got there first
-    return started
+    """`reattach` for every run under `root`; the runs that got a new driver."""
+    return [r.path for r in list_runs(root) if reattach(r.path)]
 
 
 def resolve_run(ref: str | None, root=None) -> Path:
@@ -566,23 +681,49 @@ def _archive_attempt(sdir: Path) -> None:
         f.rename(sdir / f"attempt-{n}" / f.name)
 
 
-def _launch(run_dir: Path, s: dict) -> subprocess.Popen:
-    run_cfg = run_config(run_dir).get("run", {})
-    cmd = stage_command(s, run_dir, run_cfg)
+def _record_launch(run_dir: Path, s: dict) -> None:
+    """The launch intent, written before the process exists (caller holds the state lock): status
+    running, a fresh token, no pid. A driver killed before or after the start leaves a stage the next
+    driver adopts (its processes carry the token) or, if nothing ran, launches once."""
+    cmd = stage_command(s, run_dir, run_config(run_dir).get("run", {}))
     sdir = run_dir / s["name"]
     sdir.mkdir(parents=True, exist_ok=True)
     if not s["resume"]:
         _archive_attempt(sdir)
     ev = sdir / EVENTS_FILE
-    offset = ev.stat().st_size if ev.exists() else 0
+    s.update(status="running", pid=None, create_time=None, boot_id=BOOT_ID, host=HOST, token=uuid.uuid4().hex,
+             procs=[], cmd=cmd, started=round(time.time(), 3), ended=None, exit_code=None, error=None,
+             traceback=[], attempts=s["attempts"] + 1, events_offset=ev.stat().st_size if ev.exists() else 0,
+             reattached=False)
+
+
+def _start(run_dir: Path, s: dict) -> subprocess.Popen:
+    sdir = run_dir / s["name"]
+    env = _child_env({"NANOCHAT_STAGE": s["name"], "NANOCHAT_RUN_DIR": str(run_dir), TOKEN_ENV: s["token"]})
     with open(sdir / "stdout.log", "ab") as out, open(sdir / "stderr.log", "ab") as err:
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                             cwd=_stage_cwd(run_dir), env=_child_env({"NANOCHAT_STAGE": s["name"]}))
-    s.update(status="running", pid=p.pid, create_time=_create_time(p.pid) or time.time(), cmd=cmd,
-             started=round(time.time(), 3), ended=None, exit_code=None, error=None, traceback=[],
-             attempts=s["attempts"] + 1, events_offset=offset, reattached=False)
-    _log(f"stage {s['name']} started (pid {p.pid}): {' '.join(cmd)}")
+        p = subprocess.Popen(s["cmd"], stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                             cwd=_stage_cwd(run_dir), env=env)
+    _log(f"stage {s['name']} started (pid {p.pid}): {' '.join(s['cmd'])}")
     return p
+
+
+def _adopt(run_dir: Path, s: dict) -> str:
+    """A stage marked running when this driver starts: 'wait' for its live processes (adopting the
+    leader if its pid was never recorded), 'launch' it if it never started, else 'finish' it."""
+    procs = stage_procs(s)
+    if procs:
+        if not _alive(s):  # its pid was never recorded, or the leader is gone and workers linger
+            pids = {p.pid for p in procs}
+            leader = next((p for p in procs if p.ppid() not in pids), procs[0])
+            s.update(pid=leader.pid, create_time=leader.create_time())
+        s["reattached"] = True
+        _log(f"reattached to stage {s['name']} (pid {s['pid']}, {len(procs)} processes)")
+        return "wait"
+    if s.get("pid") is None and not _events_since(run_dir, s):
+        s["status"] = "pending"  # recorded, never started (the driver died in between): start it now
+        s["attempts"] -= 1
+        return "launch"
+    return "finish"
 
 
 def drive(run_dir) -> int:
@@ -600,22 +741,23 @@ def drive(run_dir) -> int:
         return 3
     os.ftruncate(lock_fd, 0)
     os.write(lock_fd, f"{os.getpid()}\n".encode())
+    _become_subreaper()
 
     term = {"at": None}  # SIGTERM/SIGINT to the driver = stop the run (the stage checkpoints)
     signal.signal(signal.SIGTERM, lambda *_: term.update(at=term["at"] or time.time()))
     signal.signal(signal.SIGINT, lambda *_: term.update(at=term["at"] or time.time()))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    me = {"pid": os.getpid(), "create_time": _create_time(os.getpid()), "started": round(time.time(), 3),
-          "host": socket.gethostname()}
+    me = {"pid": os.getpid(), "create_time": _create_time(os.getpid()), "boot_id": BOOT_ID, "host": HOST,
+          "started": round(time.time(), 3)}
     with state_txn(run_dir) as st:
         st["driver"] = me
         if not st.get("system"):
-            from nanochat.report import system_info
+            from nanochat.system import system_info
             st["system"] = system_info()
     _log(f"driver {os.getpid()} attached to run {run_dir.name}")
 
     while True:
-        popen = None
+        popen, rc = None, None
         with state_txn(run_dir) as st:
             nxt = next((s for s in st["stages"] if s["status"] not in ("succeeded", "skipped")), None)
             if nxt is None or nxt["status"] in ("failed", "stopped") or \
@@ -625,13 +767,22 @@ def drive(run_dir) -> int:
                 os.close(lock_fd)  # released before the state lock, so a client may start a new driver at once
                 _log(f"driver exits: run {run_status(st)}")
                 return 0
-            if nxt["status"] == "pending":
-                popen = _launch(run_dir, nxt)
-            elif proc_alive(nxt["pid"], nxt["create_time"]):
-                nxt["reattached"] = True
-                _log(f"reattached to stage {nxt['name']} (pid {nxt['pid']})")
+            todo = "launch" if nxt["status"] == "pending" else _adopt(run_dir, nxt)
+            if todo == "launch" and not (st["stop_requested"] or term["at"]):
+                _record_launch(run_dir, nxt)
             stage = dict(nxt)
-        rc = _wait(stage, popen, term)
+        if todo == "launch" and stage["status"] == "running":
+            popen = _start(run_dir, stage)
+            with state_txn(run_dir) as st:
+                s = _find_stage(st, stage["name"])
+                s.update(pid=popen.pid, create_time=_create_time(popen.pid) or time.time())
+                stage = dict(s)
+                if st["stop_requested"]:
+                    term["at"] = term["at"] or time.time()  # a stop asked while we were starting it
+        if todo != "finish":
+            if stage["status"] != "running":
+                continue
+            rc = _wait(run_dir, stage, popen, term)
         with state_txn(run_dir) as st:
             s = _find_stage(st, stage["name"])
             if term["at"]:
@@ -649,26 +800,33 @@ def _write_report(run_dir: Path, st: dict):
         _log(f"report.md not written: {type(e).__name__}: {e}")
 
 
-def _wait(stage: dict, popen: subprocess.Popen | None, term: dict) -> int | None:
-    """Until the stage's process ends: its exit code if it is our child, else None (reattached)."""
-    signalled = None
+def _wait(run_dir: Path, stage: dict, popen: subprocess.Popen | None, term: dict) -> int | None:
+    """Until the stage's leader ends: its exit code if it is our child, else None (reattached). Then
+    its stragglers (a worker its torchrun left) are ended too. Meanwhile the tree is recorded."""
+    signalled, tracked, recorded = None, 0.0, set(p for p, _ in stage.get("procs") or [])
     while True:
-        if popen is not None:
-            rc = popen.poll()
-            if rc is not None:
-                # the leader is gone; take any stragglers of its group (e.g. a worker it left) with it
-                if group_members(stage):
-                    terminate_group(stage, 5.0)
-                return rc
-        elif not proc_alive(stage["pid"], stage["create_time"]):
-            return None
+        rc = popen.poll() if popen is not None else None
+        if (popen is not None and rc is not None) or (popen is None and not _alive(stage)):
+            break
         if term["at"] and signalled is None:
-            _signal_group(stage, signal.SIGTERM)
+            signal_stage(stage, signal.SIGTERM)
             signalled = time.time()
-        elif signalled and time.time() - signalled > 30.0:
-            _signal_group(stage, signal.SIGKILL)
+        elif signalled and time.time() - signalled > STOP_TIMEOUT_S:
+            signal_stage(stage, signal.SIGKILL)
             signalled = float("inf")
+        if time.time() - tracked > TRACK_S:
+            tracked = time.time()
+            _reap_adopted(popen)
+            procs = [(p.pid, p.create_time()) for p in stage_procs(stage, adopted=True)]
+            if {p for p, _ in procs} - recorded:
+                recorded |= {p for p, _ in procs}
+                with state_txn(run_dir) as st:
+                    _find_stage(st, stage["name"])["procs"] = stage["procs"] = procs
         time.sleep(POLL_S)
+    if stage_procs(stage, adopted=True):
+        terminate_stage(stage, 5.0)
+    _reap_adopted(popen)
+    return rc
 
 
 def main(argv=None) -> int:

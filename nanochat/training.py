@@ -7,6 +7,8 @@ written twice lives here.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from nanochat.checkpoint import PHASE_STAGE, ckpt_dir, latest_step, load_checkpoint, save_checkpoint
@@ -26,10 +28,31 @@ def load_tokenizer(run_dir):
     return Tokenizer.load(tok_dir)
 
 
-def muon_momentum(step: int) -> float:
-    """Muon momentum warms from 0.85 to 0.95 over the first 300 steps."""
-    frac = min(step / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
+def muon_momentum(step: int, num_iterations: int | None = None, warmdown_ratio: float = 0.0) -> float:
+    """Muon momentum warms from 0.85 to 0.97 over the first 400 steps; after that, during the LR warmdown
+    (the last warmdown_ratio of num_iterations) it eases back to 0.90, so that late, small steps average
+    over fewer stale gradients. Without a horizon (the chat stages) only the warm-up applies."""
+    if step < 400:
+        return 0.85 + 0.12 * step / 400
+    if num_iterations is None or warmdown_ratio <= 0:
+        return 0.97
+    warmdown = round(warmdown_ratio * num_iterations)
+    start = num_iterations - warmdown
+    if step < start:
+        return 0.97
+    return 0.97 - 0.07 * min(1.0, (step - start) / max(1, warmdown))
+
+
+def weight_decay_frac(step: int, num_iterations: int) -> float:
+    """Muon's weight decay follows a half cosine from its full value at step 0 to 0 at the last step."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, num_iterations) / max(1, num_iterations)))
+
+
+def check_train_dtype(model, device):
+    """fp16 trains only with loss scaling (a GradScaler), which these stages do not do: refuse it."""
+    if model.resolve_compute_dtype(device) == torch.float16:
+        raise ConfigError("fp16 training is refused: it needs a GradScaler, which nanochat does not use; "
+                          "set NANOCHAT_DTYPE=bfloat16 (CUDA SM80+) or float32")
 
 
 def load_mixtures(ctx, key: str, val_examples: int):
@@ -61,9 +84,10 @@ def start_model(ctx, phase: str, sources: tuple[str, ...], lr_frac: float):
     if src is None:
         raise ConfigError(f"no {' or '.join(sources)} checkpoint in {ckpt_dir(ctx.run_dir, sources[0]).parent}; "
                           f"train it first: python -m stages.{PHASE_STAGE[sources[0]]} --run-dir {ctx.run_dir}")
-    model_state, optim_state, meta = load_checkpoint(ckpt_dir(ctx.run_dir, src), device=dist.device,
-                                                     rank=dist.rank, load_optim=resumed)
+    model_state, optim_state, meta = load_checkpoint(ckpt_dir(ctx.run_dir, src), device=dist.device, rank=dist.rank,
+                                                     load_optim=resumed, world_size=dist.world_size)
     model = build_model(meta["model_config"], dist.device)
+    check_train_dtype(model, dist.device)
     model.load_state_dict(model_state)
     del model_state
     bt = ctx.cfg["base_train"]  # the chat stages fine-tune at a fraction of pretraining's learning rates
@@ -82,13 +106,20 @@ def start_model(ctx, phase: str, sources: tuple[str, ...], lr_frac: float):
     return model, optimizers, meta, resumed, src
 
 
-def set_lr(optimizers, lrm: float, step: int | None = None):
-    """Scale every group's initial_lr by lrm; with a step, also warm Muon's momentum like pretraining."""
+def set_lr(optimizers, lrm: float, step: int | None = None, *, momentum: float | None = None,
+           wd_frac: float | None = None):
+    """Scale every group's initial_lr by lrm. On Muon: set the momentum (given, or warmed like pretraining
+    when only a step is given) and scale its initial_weight_decay by wd_frac when one is given."""
+    if momentum is None and step is not None:
+        momentum = muon_momentum(step)
     for opt in optimizers:
+        muon = getattr(opt, "is_muon", False)
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
-            if step is not None and "momentum" in group and getattr(opt, "is_muon", False):
-                group["momentum"] = muon_momentum(step)
+            if muon and momentum is not None:
+                group["momentum"] = momentum
+            if muon and wd_frac is not None:
+                group["weight_decay"] = group["initial_weight_decay"] * wd_frac
 
 
 def gather(dist, obj) -> list:

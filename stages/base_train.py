@@ -16,17 +16,19 @@ import torch
 
 from nanochat.checkpoint import ckpt_dir, latest_step, load_checkpoint, save_checkpoint
 from nanochat.common import print0
-from nanochat.system import peak_flops
-from nanochat.config import (ConfigError, check_data_dir, derive_num_iterations, derive_total_batch,
-                             model_dims)
+from nanochat.config import ConfigError, check_data_dir
 from nanochat.gpt import build_model
+from nanochat.scaling import model_config as derived_model_config
 from nanochat.stage import StageContext, stage_main
-from nanochat.training import SAMPLE_PROMPTS, gather, load_tokenizer, sample_greedy, set_lr
+from nanochat.system import peak_flops
+from nanochat.training import (SAMPLE_PROMPTS, check_train_dtype, gather, load_tokenizer, muon_momentum,
+                               sample_greedy, set_lr, weight_decay_frac)
 
-def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
+
+def lr_multiplier(step: int, num_iterations: int, warmup: int, warmdown_ratio: float,
                   final_lr_frac: float) -> float:
-    """Linear warmup, constant, then linear warmdown to final_lr_frac."""
-    warmup = round(warmup_ratio * num_iterations)
+    """Linear warmup over `warmup` steps, constant, then linear warmdown over the last warmdown_ratio of
+    the run to final_lr_frac."""
     warmdown = round(warmdown_ratio * num_iterations)
     if step < warmup:
         return (step + 1) / warmup
@@ -50,26 +52,22 @@ def main(ctx: StageContext) -> dict:
                           f"{files[0].parent if files else 'the data dir'}")
     train_files, val_files = files[:-1], files[-1:]
 
-    # ---- model: everything derived from depth
+    # ---- model: everything derived from depth (nanochat/scaling.py filled the config; `nanochat plan` shows it)
     T, B = cfg["max_seq_len"], cfg["device_batch_size"]
-    model_config = dict(sequence_len=T, vocab_size=tokenizer.get_vocab_size(),
-                        window_pattern=cfg["window_pattern"],
-                        **model_dims(cfg["depth"], cfg["aspect_ratio"], cfg["head_dim"]))
+    model_config = derived_model_config(cfg, tokenizer.get_vocab_size())
     model = build_model(model_config, device)
+    check_train_dtype(model, device)
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.estimate_flops()
 
     tokens_per_fwdbwd = B * T * dist.world_size
-    total_batch = cfg["total_batch_size"] if cfg["total_batch_size"] > 0 else derive_total_batch(num_params, T)
-    grad_accum = max(1, round(total_batch / tokens_per_fwdbwd))
-    if grad_accum * tokens_per_fwdbwd != total_batch:
-        print0(f"total batch {total_batch:,} is not a multiple of {tokens_per_fwdbwd:,} tokens per forward/backward; "
-               f"using {grad_accum * tokens_per_fwdbwd:,}")
-    total_batch = grad_accum * tokens_per_fwdbwd
-    num_iterations = cfg["num_iterations"] if cfg["num_iterations"] > 0 else \
-        derive_num_iterations(num_params, total_batch, cfg["target_param_data_ratio"])
-    eval_every = cfg["eval_every"] if cfg["eval_every"] > 0 else num_iterations
-    save_every = cfg["save_every"] if cfg["save_every"] > 0 else num_iterations
+    total_batch, num_iterations = cfg["total_batch_size"], cfg["num_iterations"]
+    if total_batch % tokens_per_fwdbwd:
+        raise ConfigError(f"base_train.total_batch_size = {total_batch:,} is not a multiple of {tokens_per_fwdbwd:,} "
+                          f"tokens per forward/backward on {dist.world_size} processes; set run.nproc_per_node "
+                          f"to the processes this stage runs on, or change base_train.device_batch_size")
+    grad_accum = total_batch // tokens_per_fwdbwd
+    eval_every, save_every = cfg["eval_every"], cfg["save_every"]
     print0(f"params {num_params:,} | {flops_per_token:.3e} FLOPs/token | batch {total_batch:,} tokens "
            f"({grad_accum} accumulation steps) | {num_iterations:,} steps | {num_iterations * total_batch:,} tokens")
     ev.emit("log", message="derived", num_params=num_params, flops_per_token=flops_per_token,
@@ -98,6 +96,13 @@ def main(ctx: StageContext) -> dict:
         print0(f"resumed from step {start_step}")
         ev.emit("log", message=f"resumed from step {start_step}", step=start_step)
 
+    fp8 = cfg["fp8"]
+    if fp8:  # before compile; the optimizers hold the same Parameter objects either way
+        from nanochat.fp8 import bf16_linears, convert_to_fp8, fp8_unavailable
+        why = fp8_unavailable(device)
+        if why:
+            raise ConfigError(why)
+        print0(f"fp8 training: {convert_to_fp8(model)} linear layers in float8 (tensorwise scaling)")
     train_loader = PackingLoader(tokenizer, train_files, B, T, dist.rank, dist.world_size, device, state=loader_state)
     step_model = model
     if device.type == "cuda" and cfg["compile"]:
@@ -109,7 +114,11 @@ def main(ctx: StageContext) -> dict:
         model.eval()
         loader = PackingLoader(tokenizer, val_files, B, T, dist.rank, dist.world_size, device)
         steps = max(1, cfg["eval_tokens"] // tokens_per_fwdbwd)
-        bpb = evaluate_bpb(model, loader, steps, token_bytes)
+        if fp8:  # evaluate in bf16, like every other run
+            with bf16_linears(model):
+                bpb = evaluate_bpb(model, loader, steps, token_bytes)
+        else:
+            bpb = evaluate_bpb(model, loader, steps, token_bytes)
         model.train()
         return bpb
 
@@ -147,8 +156,9 @@ def main(ctx: StageContext) -> dict:
 
         # one optimizer step: grad_accum forward/backward passes
         t0 = time.time()
-        lrm = lr_multiplier(step, num_iterations, cfg["warmup_ratio"], cfg["warmdown_ratio"], cfg["final_lr_frac"])
-        set_lr(optimizers, lrm, step)
+        lrm = lr_multiplier(step, num_iterations, cfg["warmup_steps"], cfg["warmdown_ratio"], cfg["final_lr_frac"])
+        set_lr(optimizers, lrm, momentum=muon_momentum(step, num_iterations, cfg["warmdown_ratio"]),
+               wd_frac=weight_decay_frac(step, num_iterations))
         loss_sum = torch.zeros((), device=device)
         for _ in range(grad_accum):
             x, y = next(train_loader)

@@ -1,8 +1,9 @@
 """Data preparation, the first stage: makes sure the configured corpus is on disk.
 
-    demo    -> generate the demo corpus (offline, seconds)
-    fineweb -> download data.num_shards FineWeb-Edu shards (parallel, retried, resumable)
-    local   -> check the directory holds usable files
+    demo     -> generate the demo corpus (offline, seconds)
+    climbmix -> download data.num_shards ClimbMix shards (parallel, retried, resumable)
+    fineweb  -> the same for FineWeb-Edu
+    local    -> check the directory holds usable files
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from nanochat.stage import StageContext, stage_main
 
 
 def main(ctx: StageContext) -> dict:
-    from nanochat.dataset import download_shards, list_data_files, shard_indices
+    from nanochat.dataset import SOURCES, download_shards, list_data_files, shard_indices
     from nanochat.demo_corpus import make_demo_corpus
 
     cfg = ctx.cfg["data"]
@@ -20,8 +21,9 @@ def main(ctx: StageContext) -> dict:
         if cfg["source"] == "demo":
             if not (directory.is_dir() and list_data_files(directory)):
                 make_demo_corpus(directory, seed=ctx.cfg["run"]["seed"])
-        elif cfg["source"] == "fineweb":
-            download_shards(shard_indices(cfg["num_shards"]), directory, progress=False)
+        elif cfg["source"] in SOURCES:
+            download_shards(shard_indices(cfg["num_shards"], cfg["source"]), directory, source=cfg["source"],
+                            progress=False)
     ctx.barrier()
     files = list_data_files(directory) if directory.is_dir() else []
     if len(files) < 2:

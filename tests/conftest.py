@@ -14,7 +14,7 @@ SHARED_DATA = Path(os.environ.get("NANOCHAT_SHARED_DATA") or REPO.parent / "shar
 # Stages started by tests must not pick up a user's cache or runs.
 TINY_MODEL = ["base_train.depth=1", "base_train.aspect_ratio=64", "base_train.head_dim=64",
               "base_train.max_seq_len=64", "base_train.device_batch_size=4", "base_train.total_batch_size=512",
-              "base_train.eval_tokens=1024", "base_train.sample_every=-1", "base_train.warmdown_ratio=0.2",
+              "base_train.eval_tokens=1024", "base_train.sample_every=0", "base_train.warmdown_ratio=0.2",
               "base_train.embedding_lr=0.1", "base_train.matrix_lr=0.03", "base_train.unembedding_lr=0.01"]
 
 

@@ -196,6 +196,9 @@ def fake_supervisor(base_dir: Path):
         def is_live(self, run_dir):
             return self.read_state(run_dir)["status"] == "running"
 
+        def reattach(self, run_dir):
+            return False  # fake runs have no processes to reattach to
+
         def _set_all(self, run_dir, frm, to):
             st = json.loads((Path(run_dir) / "state.json").read_text())
             for s in st["stages"]:

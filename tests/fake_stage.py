@@ -32,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM (tests the SIGKILL escalation)")
     p.add_argument("--child", action="store_true", help="spawn a sleeping helper process in our group")
     p.add_argument("--garbage", action="store_true", help="write malformed event lines between steps")
+    p.add_argument("--ckpt-every", type=int, default=0,
+                   help="save a real checkpoint (nanochat.checkpoint, torch) every N steps, as training stages do")
+    p.add_argument("--ckpt-mb", type=float, default=1.0, help="size of the checkpointed tensor")
     p.add_argument("--eval", action="append", default=[], metavar="TASK:METRIC:VALUE[:PHASE]")
     p.add_argument("--end", action="append", default=[], metavar="KEY=JSON", help="summary field of the end event")
     p.add_argument("-i", dest="phase", default=None, help="phase (as chat_eval -i sft)")
@@ -56,7 +59,41 @@ def main(argv=None) -> int:
         helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         ev.emit("log", message="helper", helper_pid=helper.pid)
 
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.ckpt_every:  # real checkpoints: resume from the latest complete one
+        import torch
+        import torch.distributed as tdist
+
+        from nanochat.checkpoint import latest_step, load_checkpoint, save_checkpoint
+        if world > 1:
+            tdist.init_process_group("gloo")
+        cdir = run_dir / "checkpoints" / args.stage_name
+        if args.resume and latest_step(cdir) is not None:
+            try:
+                _, opt, meta = load_checkpoint(cdir, rank=rank, load_optim=True)
+            except Exception as e:  # e.g. another world size: the one-line error, as a stage reports it
+                ev.error(e)
+                raise
+            start = meta["step"]
+            assert opt["rank"] == rank
+            ev.emit("log", message=f"resumed from step {start}", step=start)
+
+    def should_stop():
+        """Every rank stops at the same step (a checkpoint is collective), as StageContext.should_stop."""
+        if not (args.ckpt_every and world > 1):
+            return stop["flag"]
+        flag = torch.tensor([float(stop["flag"])])
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def save(step):
+        if args.ckpt_every:
+            n = int(args.ckpt_mb * 2**18)  # float32s
+            path = save_checkpoint(cdir, step, {"w": torch.full((n,), float(step))}, {"rank": rank}, {},
+                                   rank=rank, world_size=world, keep_last=2)
+            if not rank:
+                ev.checkpoint(step=step, path=str(path))
+            return
         if rank:
             return
         atomic_write(ckpt, json.dumps({"step": step}))
@@ -77,10 +114,12 @@ def main(argv=None) -> int:
                     tok_per_sec=1000.0 * step, mfu=None, tokens=step * 1000,
                     eta_s=(args.steps - step) * args.sleep)
             print(f"step {step}/{args.steps} loss {loss:.4f}", flush=True)
+            if args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
+                save(step)
             if args.garbage:
                 with open(ev.path, "a") as f:
                     f.write('{"kind": "step", "step": \n\x00\xff not json\n[1, 2]\n')
-            if stop["flag"]:
+            if should_stop():
                 save(step)
                 ev.end(status="stopped", steps_done=step)
                 return STOPPED_EXIT_CODE
@@ -96,6 +135,9 @@ def main(argv=None) -> int:
         raise
     finally:
         ev.close()
+        if args.ckpt_every and world > 1:
+            tdist.barrier()
+            tdist.destroy_process_group()
 
 
 if __name__ == "__main__":

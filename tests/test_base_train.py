@@ -51,7 +51,7 @@ def test_two_processes_follow_one_process(tiny_run, tmp_path):
     run2 = tmp_path / "run2"
     shutil.copytree(run1, run2)
     common = ["--set", "base_train.num_iterations=20", "--set", "base_train.device_batch_size=2",
-              "--set", "base_train.eval_every=-1"]
+              "--set", "base_train.eval_every=0"]
     run_stage("stages.base_train", run1, *common, base_dir=base)
     run_stage("stages.base_train", run2, *common, base_dir=base, nproc=2)
     l1, l2 = losses(steps_of(run1)), losses(steps_of(run2))
@@ -88,7 +88,7 @@ def test_interrupt_and_resume_continue_the_same_run(tiny_run, tmp_path, how):
     ref = tmp_path / "ref"
     shutil.copytree(run_dir, ref)
     n = "--set", "base_train.num_iterations=30"
-    opts = (*n, "--set", "base_train.save_every=4", "--set", "base_train.eval_every=-1")
+    opts = (*n, "--set", "base_train.save_every=4", "--set", "base_train.eval_every=0")
     run_stage("stages.base_train", ref, *opts, base_dir=base)
     reference = losses(steps_of(ref))
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -116,3 +118,28 @@ def test_interactive_session(chat_run, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "temperature = 0.0" in out and "nanochat> " in out
     assert (tmp_path / "chat_history").read_text().count("Hello") == 1
+
+
+class HostileEngine:
+    """Streams what a model could write: colours, a clear-screen, a window title, a hyperlink, a bell."""
+    def stream_chat(self, conversation, **kw):
+        yield {"type": "text", "text": "hi \x1b[2J\x1b[31mred\x1b[0m"}
+        yield {"type": "text", "text": "\x1b]0;pwned\x07 bell\x07 cr\r \x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\ [/]"}
+        yield {"type": "tool_call", "code": "print('\x1b[5mblink')"}
+        yield {"type": "tool_result", "output": "\x1b[?1049hgone", "status": "ok"}
+        yield {"type": "notice", "text": "note\x9b31m"}
+        yield {"type": "done", "reason": "stop", "tokens": 5}
+
+
+def test_model_output_cannot_drive_the_terminal():
+    out, side = io.StringIO(), io.StringIO()
+    settings = {"max_tokens": 8, "temperature": 0.0, "top_k": None, "seed": 0}
+    msg = chat_cli.respond(HostileEngine(), {"messages": []}, settings, out, side, color=True)
+    assert out.getvalue() == "hi red bell cr link [/]\n"
+    shown = side.getvalue()
+    assert "print('blink')" in shown and "[output] gone" in shown and "[notice] note31m" in shown
+    # only our own colour codes reach the terminal
+    assert set(re.findall(r"\x1b\[[0-9;?]*[A-Za-z]", shown)) <= set(chat_cli.ANSI.values())
+    assert "\x07" not in shown + out.getvalue() and "\x1b]" not in shown
+    # the conversation keeps the reply as the model wrote it
+    assert msg["content"][0]["text"].startswith("hi \x1b[2J")

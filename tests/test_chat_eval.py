@@ -304,7 +304,7 @@ def test_chat_eval_stage(tiny_run, tmp_path, monkeypatch):
     from conftest import run_stage
     from nanochat.events import read_events
     run_dir, base = tiny_run
-    run_stage("stages.base_train", run_dir, "--set", "base_train.num_iterations=4", "--set", "base_train.eval_every=-1",
+    run_stage("stages.base_train", run_dir, "--set", "base_train.num_iterations=4", "--set", "base_train.eval_every=0",
               base_dir=base)
     make_tasks(tmp_path / "data")
     monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path / "data"))  # stage_env passes os.environ on

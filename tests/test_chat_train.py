@@ -99,18 +99,37 @@ def test_rendered_mixture_supervises_only_assistant_and_tool_calls(tiny_tokenize
         assert (y[r, n:] == -1).all()
 
 
+def check_rows(packer, tok, rendered, batches) -> int:
+    """Rows hold whole conversations, then BOS padding whose targets are -1; returns the padded positions."""
+    bos, T, padded = tok.get_bos_token_id(), packer.T, 0
+    for _ in range(batches):
+        x, y = next(packer)
+        assert x.shape == y.shape == (packer.B, T)
+        assert (x[:, 0] == bos).all()  # every row starts a conversation
+        real = y != -1
+        assert (x[:, 1:][real[:, :-1]] == y[:, :-1][real[:, :-1]]).all()
+        for r in range(packer.B):
+            n = int(real[r].sum()) + 1  # tokens of conversation in the row; the rest is masked BOS padding
+            assert real[r, :n - 1].all() and (x[r, n:] == bos).all()
+            padded += T + 1 - n
+            row = x[r].tolist() + [y[r, -1].item()]
+            starts = [i for i in range(n) if row[i] == bos] + [n]
+            for a, b in zip(starts, starts[1:]):  # each conversation is whole: never cropped to fill a row
+                assert tuple(row[a:b]) in rendered
+    return padded
+
+
 def test_conversation_packer_rows_and_resume(tiny_tokenizer_dir):
     from nanochat.tasks.mixture import build_mixture
     from nanochat.tokenizer import Tokenizer
     from nanochat.dataloader import ConversationPacker
     tok = Tokenizer.load(tiny_tokenizer_dir)
     mix = build_mixture("demo:50|identity", split="train")
+    rendered = {tuple(tok.render_conversation(mix[i], max_tokens=97)[0]) for i in range(1, len(mix), 2)}
+    # one waiting conversation at a time: padding is certain
+    assert check_rows(ConversationPacker(tok, mix, B=3, T=96, rank=1, world_size=2, buffer_size=1), tok, rendered, 4)
     packer = ConversationPacker(tok, mix, B=3, T=96, rank=1, world_size=2)
-    for _ in range(4):
-        x, y = next(packer)
-        assert x.shape == y.shape == (3, 96)
-        assert (x[:, 0] == tok.get_bos_token_id()).all()  # every row starts a conversation
-        assert (x[:, 1:] == y[:, :-1]).all()
+    check_rows(packer, tok, rendered, 4)
     state = json.loads(json.dumps(packer.state_dict()))
     resumed = ConversationPacker(tok, mix, B=3, T=96, rank=1, world_size=2, state=state)
     for _ in range(5):

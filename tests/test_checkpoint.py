@@ -67,3 +67,49 @@ def test_killed_write_leaves_previous_checkpoint_loadable(tmp_path):
     # the next save cleans up the leftovers and succeeds
     save_checkpoint(tmp_path, 2, _state(2), None, {})
     assert latest_step(tmp_path) == 2 and not (tmp_path / ".tmp-step_000002").exists()
+
+
+def test_resume_with_another_world_size_is_refused_in_one_line(tmp_path, monkeypatch):
+    from nanochat.config import ConfigError
+    save_checkpoint(tmp_path, 4, _state(4), {"opt": 0}, {"loader_state": [{"i": 0}, {"i": 1}]})
+    meta = tmp_path / "step_000004" / "meta.json"  # as if two ranks had written it
+    meta.write_text(meta.read_text().replace('"world_size": 1', '"world_size": 2'))
+    with pytest.raises(ConfigError, match=r"with 1 process\(es\): it was written by 2; resume with run.nproc_per_node") as e:
+        load_checkpoint(tmp_path, load_optim=True)
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # under torchrun the default is the launcher's world size
+    with pytest.raises(ConfigError, match="with 4 process"):
+        load_checkpoint(tmp_path, load_optim=True)
+    assert load_checkpoint(tmp_path)[2]["step"] == 4  # the weights alone (a new phase starting from it) load fine
+
+
+def _watch(directory, steps, stop, seen):
+    """A reader that checks, as often as it can, that the wanted steps are listed and the latest is complete
+    (what a resume loads; an older one may be pruned between our listing and our look)."""
+    while not stop.is_set():
+        listed = list_steps(directory)
+        last = directory / f"step_{max(listed, default=0):06d}"
+        seen.append(set(steps) <= set(listed) and (last / "model.pt").is_file() and (last / "meta.json").is_file())
+
+
+@pytest.mark.parametrize("keep_last", [None, 2])
+def test_resave_and_pruning_never_leave_a_moment_without_the_checkpoint(tmp_path, keep_last):
+    import threading
+    save_checkpoint(tmp_path, 3, _state(0), None, {})
+    stop, seen = threading.Event(), []
+    watch = threading.Thread(target=_watch, args=(tmp_path, [3] if keep_last is None else [], stop, seen))
+    watch.start()
+    try:
+        for i in range(1, 40):
+            if keep_last is None:
+                save_checkpoint(tmp_path, 3, _state(i), None, {})  # the same step again
+            else:
+                save_checkpoint(tmp_path, 3 + i, _state(i), None, {}, keep_last=keep_last)
+                last = list_steps(tmp_path)
+                assert last == [1 + i, 2 + i, 3 + i][-len(last):] and len(last) == min(2, i + 1)
+    finally:
+        stop.set()
+        watch.join()
+    assert all(seen) and len(seen) > 50
+    assert load_checkpoint(tmp_path)[0]["w"][0, 0].item() == 39.0
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left aside

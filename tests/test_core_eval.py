@@ -510,7 +510,7 @@ def _core_events(run_dir):
 def test_base_eval_stage(tiny_run, tmp_path):
     from conftest import run_stage
     run_dir, base = tiny_run
-    run_stage("stages.base_train", run_dir, "--set", "base_train.num_iterations=6", "--set", "base_train.eval_every=-1",
+    run_stage("stages.base_train", run_dir, "--set", "base_train.num_iterations=6", "--set", "base_train.eval_every=0",
               base_dir=base)
     bundle = make_bundle(tmp_path / "bundle")
     p = run_stage("stages.base_eval", run_dir, "--bundle", str(bundle), "--max-per-task", "5",

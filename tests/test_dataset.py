@@ -15,11 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat import dataset
-from nanochat.dataset import (MAX_SHARD, download_file, download_shards, file_format, iter_documents,
-                              list_data_files, read_documents, shard_indices, shard_name, split_files)
+from nanochat.dataset import (SOURCES, default_data_dir, download_file, download_shards, file_format,
+                              iter_documents, list_data_files, read_documents, shard_indices, shard_name, split_files)
 from nanochat.demo_corpus import make_demo_corpus, make_documents
 
 REPO = Path(__file__).resolve().parents[1]
+MAX_SHARD = SOURCES["climbmix"].max_shard  # the default source's validation shard
+FINEWEB_VAL = SOURCES["fineweb"].max_shard
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -101,7 +103,7 @@ class FlakyServer:
 
 @pytest.fixture
 def shards():
-    return {shard_name(i): parquet_bytes([f"document {i}-{k} " * 50 for k in range(200)]) for i in (0, 1, 2, MAX_SHARD)}
+    return {shard_name(i): parquet_bytes([f"document {i}-{k} " * 50 for k in range(200)]) for i in (0, 1, 2, MAX_SHARD, FINEWEB_VAL)}
 
 
 @pytest.fixture
@@ -216,9 +218,22 @@ def test_ctrl_c_stops_parallel_downloads_promptly(server, tmp_path):
 def test_cli_downloads_train_and_val_shards(server, tmp_path, capsys):
     assert dataset.main(["-n", "2", "--dir", str(tmp_path), "--url", server.url]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [shard_name(0), shard_name(1), shard_name(MAX_SHARD)]
+    # FineWeb-Edu: the same layout and loader, its own validation shard
+    fw = tmp_path / "fw"
+    assert dataset.main(["--source", "fineweb", "-n", "1", "--dir", str(fw), "--url", server.url]) == 0
+    assert sorted(p.name for p in fw.iterdir()) == [shard_name(0), shard_name(FINEWEB_VAL)]
+    assert [t for t, _ in iter_documents(list_data_files(fw))][:1] == ["document 0-0 " * 50]
     assert dataset.main(["-n", "-3", "--dir", str(tmp_path)]) == 1
     assert "-n -3 is not allowed" in capsys.readouterr().err
     assert shard_indices(-1) == list(range(MAX_SHARD + 1))
+    assert shard_indices(-1, "fineweb") == list(range(FINEWEB_VAL + 1))
+
+
+def test_sources_are_the_real_locations(monkeypatch, tmp_path):
+    assert SOURCES["climbmix"].base_url.endswith("karpathy/climbmix-400b-shuffle/resolve/main")
+    assert SOURCES["fineweb"].base_url.endswith("karpathy/fineweb-edu-100b-shuffle/resolve/main")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    assert default_data_dir() == tmp_path / "base_data_climbmix" and default_data_dir("fineweb") == tmp_path / "base_data"
 
 
 # ----------------------------------------------------------------------------- local directories
@@ -280,7 +295,7 @@ def test_ranks_partition_documents_and_resume(tmp_path):
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist.*python -m nanochat.dataset -n 8"):
+    with pytest.raises(FileNotFoundError, match="does not exist.*python -m nanochat.dataset --source climbmix -n 8"):
         list_data_files(tmp_path / "nope")
     (tmp_path / "notes.md").write_text("hi")
     assert list_data_files(tmp_path) == []

@@ -5,6 +5,7 @@ import torch.nn as nn
 
 from nanochat.engine import Engine, sample_next
 from nanochat.gpt import GPT, GPTConfig, KVCache
+from nanochat.sandbox import isolation
 
 SPECIAL_NAMES = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
@@ -194,7 +195,7 @@ def test_tool_call_is_executed_injected_and_masked(tok):
 
     events = list(engine.stream_chat({"messages": [{"role": "user", "content": "what is 6*7?"}]}, temperature=0.0))
     assert events == [{"type": "tool_call", "code": "6*7"},
-                      {"type": "tool_result", "output": "42", "status": "ok"},
+                      {"type": "tool_result", "output": "42", "status": "ok", "isolation": isolation()},
                       {"type": "text", "text": "!"},
                       {"type": "done", "reason": "stop", "tokens": 10}]
 
@@ -205,7 +206,8 @@ def test_tool_errors_are_reported_not_raised(tok):
                         ("1", "/"), ("/", "0"), ("0", s["<|python_end|>"]), (s["<|output_end|>"], s["<|assistant_end|>"])])
     engine = Engine(BigramModel(succ, tok.get_vocab_size()), tok)
     events = list(engine.stream_chat({"messages": [{"role": "user", "content": "1/0"}]}, temperature=0.0))
-    assert events[1] == {"type": "tool_result", "output": "ZeroDivisionError: division by zero", "status": "error"}
+    assert events[1] == {"type": "tool_result", "output": "ZeroDivisionError: division by zero", "status": "error",
+                         "isolation": isolation()}
     assert events[-1]["reason"] == "stop"
 
 
@@ -219,7 +221,7 @@ def test_unfinished_tool_call_is_shown_not_dropped(tok):
     assert events == [{"type": "text", "text": "A"},
                       {"type": "tool_call", "code": "2+3"},
                       {"type": "tool_result", "output": "the reply ended before <|python_end|>: not run",
-                       "status": "unfinished"},
+                       "status": "unfinished", "isolation": isolation()},
                       {"type": "done", "reason": "stop", "tokens": 5}]
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, KVCache, SoftcapCrossEntropy
+from nanochat.gpt import GPT, VE_GATE_CHANNELS, GPTConfig, KVCache, SoftcapCrossEntropy
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,24 +34,21 @@ def make_model(seed=0, perturb=0.0, **kw):
     return model
 
 
-def test_config_validation_and_from_depth():
-    cfg = GPTConfig.from_depth(4, vocab_size=1000, sequence_len=512, head_dim=64)
-    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim) == (4, 256, 4, 4, 64)
-    assert GPTConfig.from_depth(1, 100, 16, aspect_ratio=64, head_dim=128).n_head == 1  # at least one head
-    assert GPTConfig.from_depth(20, 65536, 2048).n_embd == 1280
+def test_config_validation():
     with pytest.raises(ValueError, match="n_kv_head=3 must divide n_head=4"):
         tiny_config(n_kv_head=3)
     with pytest.raises(ValueError, match="window_pattern"):
         tiny_config(window_pattern="SXL")
-    with pytest.raises(ValueError, match="depth=0"):
-        GPTConfig.from_depth(0, 100, 16)
 
 
 def test_window_sizes_tile_pattern_and_last_layer_is_full():
     cfg = tiny_config(n_layer=6, window_pattern="SSL", sequence_len=64)
-    assert cfg.window_sizes() == [32, 32, None, 32, 32, None]
-    cfg = tiny_config(n_layer=3, window_pattern="S", sequence_len=64)
-    assert cfg.window_sizes() == [32, 32, None]
+    assert cfg.window_sizes() == [16, 16, None, 16, 16, None]  # a quarter of the context
+    cfg = tiny_config(n_layer=3, window_pattern="S", sequence_len=66)
+    assert cfg.window_sizes() == [17, 17, None]  # rounded up
+    # from 512 tokens up, a quarter rounded up to the 128-token tile
+    assert tiny_config(n_layer=4, window_pattern="SSSL", sequence_len=2048).window_sizes() == [512] * 3 + [None]
+    assert tiny_config(n_layer=2, window_pattern="S", sequence_len=1000).window_sizes() == [256, None]
 
 
 def test_forward_backward_shapes_and_finite_loss():
@@ -162,7 +159,7 @@ def test_sliding_window_really_limits_attention():
     assert not torch.allclose(y[:, :, 8], y2[:, :, 8])  # position 8 sees 5..8, and 5 changed
     full = attention(q, k2, v2, window=None)
     assert not torch.allclose(y2[:, :, 9], full[:, :, 9])  # without the window, 9 would see the change
-    assert make_model(n_layer=2, window_pattern="S", sequence_len=8).windows == [4, None]
+    assert make_model(n_layer=2, window_pattern="S", sequence_len=8).windows == [2, None]
 
 
 def test_kv_cache_prefill_copies_one_row_into_many():
@@ -215,7 +212,7 @@ def test_param_groups_counts_and_optimizer_groups():
     g = model.num_params_by_group()
     assert g["wte"] == V * C and g["lm_head"] == V * C
     assert g["value_embeds"] == 2 * V * kv  # layers 1 and 3 (every other layer, last included)
-    assert g["matrices"] == cfg.n_layer * (2 * C * C + 2 * C * kv + 8 * C * C) + 2 * 32 * cfg.n_kv_head  # + gates
+    assert g["matrices"] == cfg.n_layer * (2 * C * C + 2 * C * kv + 8 * C * C) + 2 * VE_GATE_CHANNELS * cfg.n_kv_head  # + gates
     assert g["scalars"] == 2 * cfg.n_layer
     assert g["total"] == sum(p.numel() for p in model.parameters())
     adamw, muon = model.setup_optimizers(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5)
@@ -224,7 +221,10 @@ def test_param_groups_counts_and_optimizer_groups():
     scale = (C / 768) ** -0.5
     assert adamw.param_groups[0]["lr"] == pytest.approx(0.004 * scale)
     assert adamw.param_groups[1]["lr"] == pytest.approx(0.2 * scale)
+    assert adamw.param_groups[2]["lr"] == pytest.approx(0.1 * scale)  # value embeddings: half
     assert adamw.param_groups[3]["lr"] == pytest.approx(0.005) and adamw.param_groups[4]["lr"] == 0.5
+    assert [grp["betas"] for grp in adamw.param_groups] == [(0.8, 0.96), (0.8, 0.995), (0.8, 0.995), (0.8, 0.95),
+                                                            (0.96, 0.95)]
     assert all(p.ndim == 2 for grp in muon.param_groups for p in grp["params"])
     assert sum(len(grp["params"]) for grp in muon.param_groups) == 6 * cfg.n_layer + 2  # + 2 value-embedding gates
     assert {len({tuple(p.shape) for p in grp["params"]}) for grp in muon.param_groups} == {1}  # one shape each
@@ -237,7 +237,7 @@ def test_estimate_flops_formula():
     g = model.num_params_by_group()
     cfg = model.config
     dense = g["total"] - g["wte"] - g["value_embeds"]
-    attn = 12 * cfg.n_head * cfg.head_dim * (32 * 3 + 64)  # three S layers (window 32) + the full last one
+    attn = 12 * cfg.n_head * cfg.head_dim * (16 * 3 + 64)  # three S layers (window 16) + the full last one
     assert model.estimate_flops() == 6 * dense + attn
 
 

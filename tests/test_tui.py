@@ -112,6 +112,7 @@ async def test_new_run_previews_config_and_launches(tmp_path):
         prev = text_of(scr.query_one("#preview"))
         assert "depth=6" in prev and "nproc_per_node=2" in prev
         assert "[base_train] depth=6" in prev and "[run] " in prev  # section names are text, not markup
+        assert "plan: profile demo" in prev and "model      d6: width 384" in prev  # `nanochat plan`'s text
         await pilot.press("ctrl+l")
         await until(pilot, lambda: screen_name(app) == "DashboardScreen", what="dashboard of the new run")
         calls = app.supervisor.calls
@@ -306,7 +307,7 @@ async def test_chat_stream_tools_regenerate_edit_save_load_export(tmp_path):
         assert [p["type"] for p in reply] == ["text", "python", "python_output", "text"]
         assert reply[2]["text"] == "42" and "*hello*" in reply[3]["text"]
         tool = scr.query_one(".tool")
-        assert "print(6*7)" in tool.title and "ok" in tool.title
+        assert "print(6*7)" in tool.title.plain and "ok" in tool.title.plain
         assert backend.seen[0][1:] == (0.6, 50)
         # regenerate: same conversation sent again, one assistant reply kept
         scr.query_one("#temperature").value = "0.9"
@@ -409,8 +410,8 @@ async def test_menu_help_and_remapped_keys(tmp_path):
         assert screen_name(app) == "HelpScreen"
         table = app.screen.query_one("#help-table")
         rows = [table.get_row_at(i) for i in range(table.row_count)]
-        assert any(row[3] == "dashboard.logs" and row[1] == "L" for row in rows)
-        assert any(row[3] == "chat.stop" and row[1] == "ctrl+g" for row in rows)
+        assert any(str(row[3]) == "dashboard.logs" and str(row[1]) == "L" for row in rows)
+        assert any(str(row[3]) == "chat.stop" and str(row[1]) == "ctrl+g" for row in rows)
 
 
 @pytest.mark.parametrize("size", [(80, 24), (160, 48)])
@@ -428,3 +429,91 @@ async def test_every_screen_fits(tmp_path, size):
                 assert w.region.height >= 1 and w.region.right <= size[0], f"{which}: {w} has no room"
             app.pop_screen()
         await asyncio.sleep(0)
+
+
+# ----------------------------------------------------------------------------- untrusted text
+
+HOSTILE = "[/] [@click=app.quit]quit[/] [bold red]x\x1b[2J\x1b]0;pwned\x07 ok"  # markup, an action, escapes
+SHOWN = "[/] [@click=app.quit]quit[/] [bold red]x ok"                        # what the screen must say
+
+
+def plain_of(renderable) -> str:
+    import io
+
+    from rich.console import Console
+    c = Console(width=400, file=io.StringIO(), record=True)
+    c.print(renderable)
+    return c.export_text()
+
+
+async def test_run_text_is_never_markup_nor_terminal_control(tmp_path):
+    """Events, alerts, samples and logs carrying markup, an action link, escape sequences, NaN and invalid
+    UTF-8: nothing crashes, nothing is run, the text is shown as written (minus the control sequences)."""
+    r = demo_run(tmp_path / "runs", steps=20)
+    r.emit("base_train", "eval", task=HOSTILE, metric="[/]", value=float("nan"), step=5, phase="base")
+    r.emit("base_train", "sample", prompt=HOSTILE, text=" " + HOSTILE, step=19)
+    r.steps("base_train", 20, 1, total=1000, loss=lambda step: float("nan"))
+    with open(r.dir / "base_train" / "events.jsonl", "ab") as f:
+        f.write(b'{"v": 1, "ts": 1735725700.0, "stage": "base_train", "kind": "log", "text": "\xff\xfe"}\n')
+    r.fail_stage("base_train", message=HOSTILE)
+    r.log("base_train", [HOSTILE, "plain line"], stream="stderr")
+    app = make_app(tmp_path, open_run=r.dir)
+    async with app.run_test(size=(140, 40)) as pilot:
+        scr = app.screen
+        await until(pilot, lambda: scr.loaded.is_set() and any(t == "stage base_train failed" for _, t, _ in app.notes),
+                    what="failure alert")
+        shown = [n for n in app._notifications if n.title == "stage base_train failed"]  # what the toast shows
+        assert shown and not shown[0].markup and SHOWN in shown[0].message and "\x1b" not in shown[0].message
+        cells = [plain_of(c).strip() for row in range(scr.query_one("#evals-table").row_count)
+                 for c in scr.query_one("#evals-table").get_row_at(row)]
+        assert SHOWN in cells and "[/]" in cells and "nan" in cells
+        assert SHOWN in text_of(scr.query_one("#samples-text"))
+        await pilot.press("5")
+        table = scr.query_one("#alerts-table")
+        await until(pilot, lambda: table.row_count >= 2, what="NaN and failure alerts")
+        assert any(SHOWN in plain_of(c) for row in range(table.row_count) for c in table.get_row_at(row))
+        await pilot.press("exclamation_mark", "down")  # the NaN alert, then the failure with its traceback
+        assert screen_name(app) == "AlertsScreen" and SHOWN in text_of(app.screen.query_one("#alert-detail"))
+        await pilot.press("escape", "l")
+        await until(pilot, lambda: screen_name(app) == "LogsScreen")
+        view = app.screen.query_one("#logview")
+        await until(pilot, lambda: view.n_rows >= 2, what="stderr.log read")
+        await pilot.press("f")
+        app.screen.query_one("#logs-input").value = "[/]"  # a filter the user types is not markup either
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        shown = [view.render_line(y).text for y in range(view.size.height)]
+        assert any(SHOWN in line for line in shown) and not any("\x1b" in line for line in shown)
+        assert "filter '[/]'" in text_of(app.screen.query_one("#logs-flags"))
+        assert app.is_running
+
+
+class HostileChat(FakeChatBackend):
+    def stream(self, conversation, temperature, top_k, max_tokens=512):
+        yield {"type": "text", "text": HOSTILE}
+        yield {"type": "tool_call", "code": HOSTILE}
+        yield {"type": "tool_result", "output": HOSTILE, "status": "ok"}
+        yield {"type": "notice", "text": HOSTILE}
+        yield {"type": "done", "reason": "max_tokens", "tokens": 4}
+
+
+async def test_chat_shows_model_and_tool_text_literally(tmp_path):
+    r = chat_run(tmp_path)
+    app = make_app(tmp_path, chat=HostileChat)
+    app.open_run, app.open_screen = r.dir, "chat"
+    async with app.run_test(size=(120, 36)) as pilot:
+        scr = app.screen
+        await until(pilot, lambda: scr.backend is not None)
+        scr.query_one("#chat-input").value = HOSTILE
+        await pilot.press("enter")
+        await until(pilot, lambda: len(scr.conv["messages"]) == 2 and not scr.generating)
+        assert scr.conv["messages"][1]["content"][0]["text"] == HOSTILE  # kept as the model wrote it
+        log = scr.query_one("#chat-log")
+        statics = [w for w in log.query("Static") if not w.children]
+        texts = [str(w.render()) for w in statics]
+        assert texts[0] == SHOWN  # the user's message
+        assert any(t == SHOWN for t in texts[1:])  # tool code
+        assert any(t == f"→ {SHOWN}" for t in texts) and any(t == "[max tokens]" for t in texts)
+        assert SHOWN in scr.query_one(".tool").title.plain
+        assert not any("\x1b" in t for t in texts)
+        assert app.is_running

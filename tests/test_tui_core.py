@@ -10,7 +10,8 @@ import pytest
 from fake_run import T0, FakeNvml, FakeRun, demo_run, loss_at
 from tui.alerts import AlertBook
 from tui.logfile import STRIDE, LogFile, compile_query
-from tui.runmodel import RunModel, RunReader, load_run, normalize_state, quick_summary, run_cost, run_gpu_name
+from tui.runmodel import (RunModel, RunReader, load_run, quick_summary, read_state, run_cost, run_gpu_name,
+                          state_view)
 from tui.services import GpuSample, NvmlProvider, TuiConfigError, load_tui_config
 
 
@@ -85,7 +86,7 @@ def test_nan_and_spike_become_alerts_once(tmp_path):
 
 def test_state_from_supervisor_format_and_failure_alert(tmp_path):
     r = demo_run(tmp_path, fail=True)
-    st = normalize_state(json.loads((r.dir / "state.json").read_text()))
+    st = read_state(r.dir)
     assert st["status"] == "failed"
     bt = next(s for s in st["stages"] if s.name == "base_train")
     assert bt.status == "failed" and bt.exit_code == 1 and "OutOfMemoryError" in bt.error
@@ -98,7 +99,7 @@ def test_state_from_supervisor_format_and_failure_alert(tmp_path):
 
 def test_stall_idle_gpu_and_throttle_rules(tmp_path):
     r = demo_run(tmp_path)
-    st, m = normalize_state(json.loads((r.dir / "state.json").read_text())), load_run(r.dir)
+    st, m = read_state(r.dir), load_run(r.dir)
     book = AlertBook(stall_s=120, gpu_idle_s=30)
     idle = [GpuSample(0, "H100", 0.0, 1, 2, 40, 100, 700, 1000, 2000)]
     assert book.check(st, m, idle, r.t + 10) == []  # starts the idle clock
@@ -110,22 +111,22 @@ def test_stall_idle_gpu_and_throttle_rules(tmp_path):
 
 def test_cost_counts_wall_time_times_gpus_times_rate(tmp_path):
     r = demo_run(tmp_path, steps=100)
-    st = normalize_state(json.loads((r.dir / "state.json").read_text()))
+    st = read_state(r.dir)
     wall, cost = run_cost(st, {"run": {"nproc_per_node": 8}}, load_run(r.dir), now=T0 + 3600, rate_per_gpu_hour=2.0)
     assert wall == pytest.approx(3600) and cost == pytest.approx(16.0)
     s = quick_summary(r.dir, st, T0 + 3600, fallback_rate=9.0)  # config.toml says gpu_hourly_usd = 2.5
     assert s.status == "running" and s.stage == "base_train" and s.cost == pytest.approx(20.0)
     assert s.progress == "3/8 stages, 10%"
     # a CPU run costs nothing (as in report.md), whatever the fallback price
-    cpu = normalize_state({**st["raw"], "system": {"gpus": []}})
+    cpu = state_view({**st["raw"], "system": {"gpus": []}})
     assert run_cost(cpu, {"run": {"nproc_per_node": 8}}, load_run(r.dir), T0 + 3600, 2.0)[1] == 0.0
     assert run_cost(st, {"run": {"device": "cpu"}}, load_run(r.dir), T0 + 3600, 2.0)[1] == 0.0
     # the price of the run's own GPUs (state.json's snapshot), not of the machine the TUI runs on
-    h100 = normalize_state({**st["raw"], "system": {"gpus": [{"name": "NVIDIA H100 80GB HBM3"}]}})
+    h100 = state_view({**st["raw"], "system": {"gpus": [{"name": "NVIDIA H100 80GB HBM3"}]}})
     assert run_gpu_name(h100, {}, "NVIDIA A10G") == "NVIDIA H100 80GB HBM3"
     assert run_gpu_name(st, {}, "NVIDIA A10G") == "NVIDIA A10G"  # the run recorded none
     # wall time is the stages' process lifetime from state.json: start-up before the first event counts
-    late = normalize_state(json.loads((r.dir / "state.json").read_text()))
+    late = read_state(r.dir)
     late["stages"][0].started -= 20
     assert run_cost(late, {}, load_run(r.dir), T0 + 3600, 2.0)[0] == pytest.approx(3620)
 
@@ -211,11 +212,14 @@ def test_nvml_provider_reads_fake_nvml_and_reports_absence():
 
 def test_every_binding_has_an_id_and_no_swallowed_keys():
     from textual.binding import Binding
-    from tui.app import FORBIDDEN_KEYS, NanochatApp, all_binding_ids
+    from tui import dialogs
+    from tui.app import NanochatApp, all_binding_ids
+    from tui.bindings import FORBIDDEN_KEYS
     from tui.screens import all_screen_classes
     ids = all_binding_ids()
-    assert len(ids) > 40
-    for cls in [NanochatApp, *all_screen_classes()]:
+    assert len(ids) > 40 and {"confirm.yes", "pick.cancel", "export.cancel", "menu.close"} <= set(ids)
+    for cls in [NanochatApp, *all_screen_classes(), dialogs.ConfirmScreen, dialogs.PickScreen, dialogs.ExportScreen,
+                dialogs.MenuScreen]:
         for b in cls.BINDINGS:
             assert isinstance(b, Binding) and b.id, f"{cls.__name__} binding {b} has no id"
             for key in b.key.split(","):
@@ -231,7 +235,16 @@ def test_main_rejects_unknown_binding_ids(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main([])
     assert "unknown binding id(s) in [tui.keys]: dashboard.nope" in capsys.readouterr().err
+    (tmp_path / "tui.toml").write_text('[tui.keys]\n"dashboard.logs" = "L,ctrl+s"\n')
+    with pytest.raises(SystemExit):
+        main([])
+    assert "[tui.keys] dashboard.logs = 'L,ctrl+s': terminals or tmux swallow" in capsys.readouterr().err
     (tmp_path / "tui.toml").unlink()
+    for bad in ("0.1", "nan", "soon"):
+        with pytest.raises(SystemExit):
+            main(["--poll", bad])
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage line
+        assert last.startswith("nanochat-tui: error: ") and "--poll" in last and ">= 0.5" in last
     with pytest.raises(SystemExit):
         main(["no-such-run"])
     assert capsys.readouterr().err.startswith("nanochat-tui: error: no runs in")

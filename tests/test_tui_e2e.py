@@ -27,7 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BASE_STEPS = 20
 OVERRIDES = " ".join([
-    f"base_train.num_iterations={BASE_STEPS}", "base_train.eval_tokens=4096", "base_train.sample_every=-1",
+    f"base_train.num_iterations={BASE_STEPS}", "base_train.eval_tokens=4096", "base_train.sample_every=0",
     "base_eval.bpb_tokens=4096",
     "mid_train.num_iterations=3", "mid_train.eval_tokens=4096",
     "chat_sft.num_iterations=3", "chat_sft.eval_every=-1", "chat_sft.eval_examples=4", "chat_sft.eval_max_tokens=8",

@@ -1,38 +1,30 @@
 """nanochat-tui: watch and steer training runs, chat with checkpoints, export reports.
 
 The app is only a client of the run directories: quitting never stops a run, and reopening rebuilds every
-panel from the events on disk. Background work (event tailing, NVML, psutil, the engine) runs in worker
-threads that post messages; the UI thread only applies them.
+panel from the events on disk. Background work (event tailing, NVML, psutil, the engine) runs in Textual
+workers (blocking calls in threads), cancelled with their screen; the UI thread only applies the results.
+The GPU and host readings are app reactives that the screens showing them watch.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
-import threading
 from pathlib import Path
 from typing import Iterable
 
+from textual import work
 from textual.app import App, SystemCommand
-from textual.binding import Binding
-from textual.message import Message
+from textual.reactive import reactive
 from textual.screen import Screen
 
+from nanochat.common import strip_controls
+
 from .alerts import Alert
+from .bindings import APP_BINDINGS, binding_ids, check_keymap
 from .services import Services, Supervisor, TuiConfigError, load_tui_config
 
-FORBIDDEN_KEYS = ("ctrl+b", "ctrl+s", "ctrl+j", "ctrl+h")  # tmux prefix, XOFF, newline, backspace
-
-
-class GpuUpdate(Message):
-    def __init__(self, gpus: list, error: str):
-        super().__init__()
-        self.gpus, self.error = gpus, error
-
-
-class HostUpdate(Message):
-    def __init__(self, host):
-        super().__init__()
-        self.host = host
+MIN_POLL_S = 0.5  # NVML and psutil are never polled faster than this
 
 
 class NanochatApp(App):
@@ -40,13 +32,12 @@ class NanochatApp(App):
     TITLE = "nanochat"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (140, "-wide")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (40, "-tall")]
-    BINDINGS = [
-        Binding("f1,question_mark", "help", "Help", id="app.help"),
-        Binding("m", "menu", "Menu", id="app.menu"),
-        Binding("exclamation_mark", "alerts", "Alerts", id="app.alerts"),
-        Binding("f2", "next_theme", "Theme", id="app.theme", show=False),
-        Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
-    ]
+    BINDINGS = APP_BINDINGS
+
+    # the machine's readings; screens that show them watch these (a reading equal to the last one fires nothing)
+    gpus: reactive[list] = reactive(list, init=False)
+    gpu_error: reactive[str] = reactive("GPU stats: starting", init=False)
+    host = reactive(None, init=False)
 
     def __init__(self, services: Services | None = None, tui_config: dict | None = None,
                  open_run: Path | None = None, open_screen: str = "dashboard"):
@@ -55,10 +46,6 @@ class NanochatApp(App):
         self.cfg = tui_config if tui_config is not None else load_tui_config()
         self.open_run, self.open_screen = open_run, open_screen
         self.alert_log: list[Alert] = []
-        self.gpus: list = []
-        self.gpu_error = "GPU stats: starting"
-        self.host = None
-        self._stop = threading.Event()
         self.set_keymap(self.cfg.get("keys", {}))
         if self.cfg.get("theme"):
             self.theme = self.cfg["theme"]
@@ -69,42 +56,28 @@ class NanochatApp(App):
         self.push_screen(RunsScreen())
         if self.open_run is not None:
             self.open_run_screen(Path(self.open_run), self.open_screen)
-        self.run_worker(self._poll_gpus, thread=True, exit_on_error=False, name="gpu", group="pollers")
-        self.run_worker(self._poll_host, thread=True, exit_on_error=False, name="host", group="pollers")
+        self.poll_gpus()
+        self.poll_host()
 
-    def on_unmount(self):
-        self._stop.set()
-
-    def _poll_gpus(self):
-        """NVML off the UI thread, every gpu_poll_s (>= 0.5 s)."""
-        provider = self.services.gpu()
-        while not self._stop.is_set():
-            gpus = provider.sample() if provider.available else []
-            self.post_message(GpuUpdate(gpus, getattr(provider, "error", "")))
+    @work(exclusive=True, group="gpu", exit_on_error=False)
+    async def poll_gpus(self):
+        """NVML in a thread every gpu_poll_s; cancelled with the app."""
+        provider = await asyncio.to_thread(self.services.gpu)
+        while True:
+            self.gpus = await asyncio.to_thread(provider.sample) if provider.available else []
+            self.gpu_error = getattr(provider, "error", "")
             if not provider.available:
-                return  # nothing will change: say so once
-            self._stop.wait(self.cfg["gpu_poll_s"])
+                return  # nothing will change: said once
+            await asyncio.sleep(max(MIN_POLL_S, self.cfg["gpu_poll_s"]))
 
-    def _poll_host(self):
-        while not self._stop.is_set():
+    @work(exclusive=True, group="host", exit_on_error=False)
+    async def poll_host(self):
+        while True:
             try:
-                h = self.services.host()
+                self.host = await asyncio.to_thread(self.services.host)
             except Exception:
-                h = None
-            self.post_message(HostUpdate(h))
-            self._stop.wait(self.cfg["host_poll_s"])
-
-    def on_gpu_update(self, msg: GpuUpdate):
-        self.gpus, self.gpu_error = msg.gpus, msg.error
-        for screen in self.screen_stack:
-            if hasattr(screen, "on_gpus"):
-                screen.on_gpus(msg.gpus, msg.error)
-
-    def on_host_update(self, msg: HostUpdate):
-        self.host = msg.host
-        for screen in self.screen_stack:
-            if hasattr(screen, "on_host"):
-                screen.on_host(msg.host)
+                self.host = None
+            await asyncio.sleep(max(MIN_POLL_S, self.cfg["host_poll_s"]))
 
     # ----------------------------------------------------------------- navigation
     @property
@@ -127,6 +100,13 @@ class NanochatApp(App):
                 return Path(rd)
         return None
 
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = False):
+        """Notifications carry run names, errors and log lines: plain text unless a caller asks for markup."""
+        if not markup:
+            message, title = strip_controls(message), strip_controls(title)
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+
     def raise_alerts(self, alerts: list[Alert]):
         for a in alerts:
             self.alert_log.append(a)
@@ -139,7 +119,7 @@ class NanochatApp(App):
     def action_help(self):
         from .screens.help import HelpScreen
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen())
+            self.push_screen(HelpScreen(all_binding_ids()))
 
     def action_alerts(self):
         from .screens.help import AlertsScreen
@@ -147,7 +127,7 @@ class NanochatApp(App):
             self.push_screen(AlertsScreen())
 
     def action_menu(self):
-        from .screens.help import MenuScreen
+        from .dialogs import MenuScreen
         if isinstance(self.screen, MenuScreen):
             return
         commands = list(self.all_commands(self.screen))
@@ -174,8 +154,28 @@ class NanochatApp(App):
         if rd is None:
             self.notify("select a run first", severity="warning")
             return
-        from .screens.report import export_report_flow
-        export_report_flow(self, rd)
+        self.ask_export_report(rd)
+
+    def ask_export_report(self, run_dir: Path):
+        """Ask where to, then (re)generate report.md and copy it there."""
+        from .dialogs import ExportScreen
+        default = Path.cwd() / f"{run_dir.name}-report.md"
+        self.push_screen(ExportScreen("Export report.md to:", str(default)),
+                         lambda dest: dest and self.export_report(run_dir, dest))
+
+    @work(thread=True, group="export", exit_on_error=False)
+    def export_report(self, run_dir: Path, dest: str):
+        from nanochat.common import atomic_write
+        try:
+            src = self.services.report(run_dir)
+            out = Path(dest).expanduser()
+            if out.is_dir():
+                out = out / f"{run_dir.name}-report.md"
+            atomic_write(out, Path(src).read_text())
+        except Exception as e:
+            self.call_from_thread(self.notify, f"export failed: {e}", severity="error")
+            return
+        self.call_from_thread(self.notify, f"report exported to {out}", timeout=6)
 
     # ----------------------------------------------------------------- command palette: every action
     def all_commands(self, screen: Screen) -> Iterable[SystemCommand]:
@@ -203,14 +203,20 @@ class NanochatApp(App):
 
 
 def all_binding_ids() -> dict[str, tuple[str, str, str]]:
-    """{binding id: (where, default keys, description)} over the app and every screen."""
+    """{binding id: (where, default keys, description)} over the app, every screen and dialog."""
+    from .dialogs import ConfirmScreen, ExportScreen, MenuScreen, PickScreen
     from .screens import all_screen_classes
-    out = {}
-    for cls in [NanochatApp, *all_screen_classes()]:
-        for b in cls.BINDINGS:
-            if isinstance(b, Binding) and b.id:
-                out[b.id] = (cls.__name__, b.key, b.description)
-    return out
+    return binding_ids([NanochatApp, *all_screen_classes(), ConfirmScreen, PickScreen, ExportScreen, MenuScreen])
+
+
+def poll_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v >= MIN_POLL_S:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r}: use a number of seconds >= {MIN_POLL_S}")
+    return v
 
 
 def main(argv: list[str] | None = None):
@@ -218,16 +224,20 @@ def main(argv: list[str] | None = None):
     ap.add_argument("run", nargs="?", help="a run to open: a run directory, or an id, id prefix or `latest` under $NANOCHAT_BASE_DIR/runs")
     ap.add_argument("--screen", default="dashboard", choices=("dashboard", "logs", "chat", "report"),
                     help="which screen to open the run on")
+    ap.add_argument("--poll", type=poll_seconds, metavar="SECONDS",
+                    help=f"how often GPUs (NVML) and the host (psutil) are read; default tui.toml's gpu_poll_s / "
+                         f"host_poll_s (1 s / 2 s), at least {MIN_POLL_S}")
     args = ap.parse_args(argv)
     try:
         cfg = load_tui_config()
     except TuiConfigError as e:
         print(f"nanochat-tui: error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    unknown = set(cfg["keys"]) - set(all_binding_ids())
-    if unknown:
-        print(f"nanochat-tui: error: unknown binding id(s) in [tui.keys]: {', '.join(sorted(unknown))}; "
-              f"see the help screen (F1) or docs/tui.md for the ids", file=sys.stderr)
+    if args.poll is not None:
+        cfg["gpu_poll_s"] = cfg["host_poll_s"] = args.poll
+    err = check_keymap(cfg["keys"], all_binding_ids())
+    if err:
+        print(f"nanochat-tui: error: {err}", file=sys.stderr)
         raise SystemExit(2)
     run = None
     if args.run:

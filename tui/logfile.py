@@ -1,7 +1,9 @@
 """Random access to huge, growing log files without loading them: a sparse line index built by scanning
 in chunks (numpy finds the newlines), then seek + read of just the lines on screen.
 
-Memory: one int64 per STRIDE lines (a 10 GB log of 100M lines needs ~3 MB of index).
+Memory: one int64 per STRIDE lines (a 10 GB log of 100M lines needs ~3 MB of index). Cost is linear in
+the bytes read however long a line is; a line on screen is cut at LINE_CAP bytes (the rest is skipped,
+not kept).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import numpy as np
 
 STRIDE = 256          # index every 256th line start
 CHUNK = 8 << 20       # scan 8 MiB at a time
+LINE_CAP = 64 << 10   # bytes of one line that `raw_lines` returns; a longer line ends with CUT_MARK
+CUT_MARK = " [line cut]".encode()
 
 LEVELS = ("all", "info", "warning", "error")
 _LEVEL_RE = re.compile(rb"\b(DEBUG|INFO|WARN(?:ING)?|ERROR|CRITICAL|FATAL|Traceback)\b")
@@ -95,17 +99,14 @@ class LogFile:
             out: list[bytes] = []
             with open(self.path, "rb") as f:
                 f.seek(off)
-                rest = b""
-                while len(out) < skip + count:
-                    buf = f.read(1 << 16)
-                    if not buf:
-                        if rest:
-                            out.append(rest)
+                for ln in _split_lines(f, self._scanned - off, 1 << 16, cap=LINE_CAP):
+                    if skip:
+                        skip -= 1
+                        continue
+                    out.append(ln.rstrip(b"\r"))
+                    if len(out) == count:
                         break
-                    parts = (rest + buf).split(b"\n")
-                    rest = parts.pop()
-                    out.extend(parts)
-            return [ln.rstrip(b"\r") for ln in out[skip: skip + count]]
+            return out
 
     def line_offset(self, line: int) -> int:
         """Byte offset where `line` starts (reads at most STRIDE lines)."""
@@ -128,25 +129,12 @@ class LogFile:
     def iter_lines_from(self, start: int, stop: int | None = None):
         """(line number, bytes) from `start` onwards, streaming."""
         off = self.line_offset(start)
-        k = start
-        end = self._scanned
         with open(self.path, "rb") as f:
             f.seek(off)
-            rest = b""
-            while off < end:
-                buf = f.read(min(CHUNK, end - off))
-                if not buf:
-                    break
-                off += len(buf)
-                parts = (rest + buf).split(b"\n")
-                rest = parts.pop()
-                for p in parts:
-                    if stop is not None and k >= stop:
-                        return
-                    yield k, p
-                    k += 1
-            if rest and (stop is None or k < stop):
-                yield k, rest
+            for k, ln in enumerate(_split_lines(f, self._scanned - off, CHUNK), start):
+                if stop is not None and k >= stop:
+                    return
+                yield k, ln
 
     def find(self, pattern: re.Pattern, start: int, backwards: bool = False, cancel=None) -> int | None:
         """Line number of the next (or previous) line matching `pattern` (a bytes regex), wrapping around."""
@@ -186,6 +174,33 @@ class LogFile:
                 continue
             out.append(k)
         return out
+
+
+def _split_lines(f, limit: int, block: int, cap: int | None = None):
+    """The lines in the next `limit` bytes of `f` (read `block` at a time), without their newline; with
+    `cap`, each cut to `cap` bytes plus CUT_MARK. Pieces of a long line are joined once: linear time."""
+    pieces, have, cut = [], 0, False
+    while limit > 0:
+        buf = f.read(min(block, limit))
+        if not buf:
+            break
+        limit -= len(buf)
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            piece = buf[start:] if nl < 0 else buf[start:nl]
+            if cap is not None and have + len(piece) > cap:
+                piece, cut = piece[:max(0, cap - have)], True
+            if piece:
+                pieces.append(piece)
+                have += len(piece)
+            if nl < 0:
+                break
+            yield b"".join(pieces) + (CUT_MARK if cut else b"")
+            pieces, have, cut = [], 0, False
+            start = nl + 1
+    if pieces or cut:
+        yield b"".join(pieces) + (CUT_MARK if cut else b"")
 
 
 def _back_windows(start: int, n: int, size: int = 4096):

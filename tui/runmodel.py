@@ -12,13 +12,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanochat.events import EventReader, stage_event_files
-
-# Order used when state.json does not list the stages (a run dir written by something else).
-DEFAULT_STAGE_ORDER = ("tok_train", "tok_eval", "base_train", "base_loss", "base_eval", "mid_train",
-                       "chat_eval_mid", "chat_sft", "chat_eval_sft", "chat_rl", "chat_eval_rl", "report")
-STATUSES = ("pending", "running", "succeeded", "failed", "stopped", "skipped")
-
+from nanochat import supervisor
+from nanochat.events import MAX_LINE_BYTES, EventReader, check_event, parse_line, stage_event_files
 
 def fnum(x) -> float:
     """Event floats: NaN/inf arrive as strings ("nan"); anything unparsable is NaN."""
@@ -41,59 +36,23 @@ class StageState:
     ended: float | None = None
 
 
-def normalize_state(raw: dict | None) -> dict:
-    """state.json as the TUI uses it: {"status", "profile", "created", "stages": [StageState]}.
-
-    Tolerant of the stages being a {name: info} table or a list of {"name": ...} records, so a
-    supervisor schema tweak degrades the display instead of crashing it.
-    """
-    raw = raw if isinstance(raw, dict) else {}
-    stages_raw = raw.get("stages") or {}
-    items = stages_raw.items() if isinstance(stages_raw, dict) else \
-        ((s.get("name", f"stage{i}"), s) for i, s in enumerate(stages_raw) if isinstance(s, dict))
-    stages = []
-    for name, info in items:
-        info = info if isinstance(info, dict) else {"status": str(info)}
-        tb = info.get("traceback") or ""
-        if isinstance(tb, list):
-            tb = "\n".join(map(str, tb))
-        stages.append(StageState(name=name, status=str(info.get("status", "pending")),
-                                 exit_code=info.get("exit_code"), traceback=str(tb), error=str(info.get("error") or ""),
-                                 started=_ts(info.get("started") or info.get("started_at") or info.get("start_time")),
-                                 ended=_ts(info.get("ended") or info.get("ended_at") or info.get("end_time"))))
-    status = raw.get("status") or derive_status([s.status for s in stages])
-    return {"status": status, "profile": raw.get("profile", ""), "created": _ts(raw.get("created") or raw.get("created_at")),
-            "stages": stages, "raw": raw}
-
-
-def _ts(x):
-    if x is None:
-        return None
-    if isinstance(x, (int, float)):
-        return float(x)
-    try:  # ISO string
-        from datetime import datetime
-        return datetime.fromisoformat(str(x)).timestamp()
-    except ValueError:
-        return None
-
-
-def derive_status(statuses: list[str]) -> str:
-    if not statuses:
-        return "pending"
-    for s in ("running", "failed", "stopped"):
-        if s in statuses:
-            return s
-    if all(s in ("succeeded", "skipped") for s in statuses):
-        return "succeeded"
-    return "pending" if all(s == "pending" for s in statuses) else "stopped"
-
-
-def read_state_file(run_dir: Path) -> dict:
+def read_state(run_dir: Path) -> dict:
+    """A run's state.json as the screens use it (`state_view`), read by nanochat.supervisor; a directory
+    without a readable state has status "unknown" and no stages."""
     try:
-        return json.loads((Path(run_dir) / "state.json").read_text())
-    except (OSError, ValueError):
-        return {}
+        return state_view(supervisor.read_state(run_dir))
+    except supervisor.SupervisorError:
+        return {"status": "unknown", "profile": "", "created": None, "stages": [], "raw": {}}
+
+
+def state_view(raw: dict) -> dict:
+    """{"status", "profile", "created", "stages": [StageState], "raw"} of the supervisor's state, with the
+    status word supervisor.run_status gives (the one `nanochat status` prints)."""
+    stages = [StageState(name=s["name"], status=s["status"], exit_code=s.get("exit_code"),
+                         traceback="\n".join(map(str, s.get("traceback") or [])), error=str(s.get("error") or ""),
+                         started=s.get("started"), ended=s.get("ended")) for s in raw["stages"]]
+    return {"status": supervisor.run_status(raw), "profile": raw.get("profile", ""), "created": raw.get("created"),
+            "stages": stages, "raw": raw}
 
 
 def read_config(run_dir: Path) -> dict:
@@ -158,6 +117,7 @@ class RunModel:
     last_event_ts: float | None = None
     last_seq: dict[str, int] = field(default_factory=dict)  # per stage: last step seen (order check)
     out_of_order: int = 0
+    malformed: int = 0     # events skipped because a field had the wrong type (events.check_event)
 
     def stage(self, name: str) -> StageInfo:
         st = self.stages.get(name)
@@ -165,10 +125,15 @@ class RunModel:
             st = self.stages[name] = StageInfo(name)
         return st
 
-    def ingest(self, events: list[dict]) -> list[dict]:
-        """Apply a batch; returns the step events whose loss is not finite or spikes (for alerts)."""
+    def ingest(self, events: list[dict], checked: bool = False) -> list[dict]:
+        """Apply a batch; returns the step events whose loss is not finite or spikes (for alerts).
+        Events that fail events.check_event are skipped and counted in `malformed`; `checked` says the
+        batch comes from an EventReader (RunReader), which already checked every one."""
         anomalies = []
         for ev in events:
+            if not checked and check_event(ev) is not None:
+                self.malformed += 1
+                continue
             self.n_events += 1
             name = ev.get("stage") or "?"
             st = self.stage(name)
@@ -328,7 +293,7 @@ def _bulk_read(reader: EventReader) -> list[dict] | None:
         evs = json.loads(b"[" + body.replace(b"\n", b",") + b"]")
     except ValueError:
         return None  # a malformed or blank line somewhere: let EventReader skip and count it
-    if not all(isinstance(e, dict) and "kind" in e for e in evs):
+    if not all(check_event(e) is None for e in evs):
         return None
     reader.offset = end + 1
     return evs
@@ -337,7 +302,7 @@ def _bulk_read(reader: EventReader) -> list[dict] | None:
 def load_run(run_dir: Path) -> RunModel:
     """A model of the run from everything on disk now (used by Compare and the bench)."""
     m = RunModel(Path(run_dir))
-    m.ingest(RunReader(run_dir).poll())
+    m.ingest(RunReader(run_dir).poll(), checked=True)
     return m
 
 
@@ -405,16 +370,6 @@ def gpu_count(config: dict) -> int:
     return max(1, (find(config, "nproc_per_node") or 1) * (find(config, "nnodes") or 1))
 
 
-def stage_order(state: dict, model: RunModel | None) -> list[str]:
-    names = [s.name for s in state.get("stages", [])]
-    for n in (model.stages if model else ()):
-        if n not in names:
-            names.append(n)
-    if not names:
-        return []
-    return names
-
-
 # ----------------------------------------------------------------------------- run list summaries
 
 def _first_last_events(path: Path, tail_bytes: int = 65536) -> tuple[dict | None, dict | None, dict | None]:
@@ -422,18 +377,17 @@ def _first_last_events(path: Path, tail_bytes: int = 65536) -> tuple[dict | None
     first = last = last_step = None
     try:
         with open(path, "rb") as f:
-            line = f.readline()
+            line = f.readline(MAX_LINE_BYTES + 1)
             if line.endswith(b"\n"):
-                first = json.loads(line)
+                first = parse_line(line)
             size = f.seek(0, 2)
             f.seek(max(0, size - tail_bytes))
             lines = f.read().split(b"\n")
-    except (OSError, ValueError):
+    except OSError:
         return first, last, last_step
     for ln in reversed(lines[:-1]):  # the piece after the last newline is torn or empty
-        try:
-            ev = json.loads(ln)
-        except ValueError:
+        ev = parse_line(ln)
+        if ev is None:
             continue
         last = last or ev
         if ev.get("kind") == "step":

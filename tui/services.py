@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from nanochat import config, supervisor
 from nanochat.checkpoint import PHASES
 from nanochat.common import get_base_dir
 
-from .runmodel import normalize_state, read_state_file
+from .runmodel import read_state
 
 # ----------------------------------------------------------------------------- user config
 
@@ -172,12 +173,8 @@ def host_sample(path: Path | None = None) -> HostSample:
 
 # ----------------------------------------------------------------------------- supervisor
 
-class SupervisorUnavailable(RuntimeError):
-    pass
-
-
 class Supervisor:
-    """The run operations, through nanochat.supervisor (imported lazily: listing runs only reads files)."""
+    """The run operations: nanochat.supervisor's functions, the same ones the `nanochat` command calls."""
 
     def __init__(self, base_dir: Path | None = None):
         self.base_dir = Path(base_dir) if base_dir else None
@@ -185,13 +182,6 @@ class Supervisor:
     @property
     def runs_root(self) -> Path:
         return (self.base_dir or get_base_dir()) / "runs"
-
-    def _mod(self):
-        try:
-            from nanochat import supervisor
-        except ImportError as e:
-            raise SupervisorUnavailable(f"nanochat.supervisor is not importable ({e})") from None
-        return supervisor
 
     def list_runs(self) -> list[Path]:
         """Run directories, newest first (run ids start with a timestamp)."""
@@ -205,34 +195,35 @@ class Supervisor:
         """A run by directory, id, unique id prefix or `latest`, as the `nanochat` command takes it."""
         if Path(ref).is_dir():
             return Path(ref)
-        return Path(self._mod().resolve_run(ref, root=self.runs_root))
+        return Path(supervisor.resolve_run(ref, root=self.runs_root))
 
     def read_state(self, run_dir: Path) -> dict:
-        return normalize_state(read_state_file(run_dir))
+        return read_state(run_dir)
+
+    def reattach(self, run_dir: Path) -> bool:
+        """A new driver for a run whose driver died mid-stage, as `nanochat status` does (supervisor.reattach)."""
+        return supervisor.reattach(run_dir)
 
     def is_live(self, run_dir: Path) -> bool:
-        try:
-            return bool(self._mod().is_live(run_dir))
-        except SupervisorUnavailable:
-            return self.read_state(run_dir)["status"] == "running"
+        return supervisor.is_live(run_dir)
 
     def create_run(self, profile: str, overrides: list[str]) -> Path:
-        return Path(self._mod().create_run(profile, list(overrides)))
+        return Path(supervisor.create_run(profile, list(overrides)))
 
     def start_run(self, run_dir: Path, from_stage: str | None = None) -> int:
-        return self._mod().start_run(run_dir, from_stage=from_stage)
+        return supervisor.start_run(run_dir, from_stage=from_stage)
 
     def stop_run(self, run_dir: Path):
-        return self._mod().stop_run(run_dir)
+        return supervisor.stop_run(run_dir)
 
     def resume_run(self, run_dir: Path):
-        return self._mod().resume_run(run_dir)
+        return supervisor.resume_run(run_dir)
 
     def retry_stage(self, run_dir: Path, stage: str):
-        return self._mod().retry_stage(run_dir, stage)
+        return supervisor.retry_stage(run_dir, stage)
 
     def skip_stage(self, run_dir: Path, stage: str):
-        return self._mod().skip_stage(run_dir, stage)
+        return supervisor.skip_stage(run_dir, stage)
 
     def delete_run(self, run_dir: Path):
         if self.is_live(run_dir):
@@ -243,25 +234,14 @@ class Supervisor:
 # ----------------------------------------------------------------------------- config preview
 
 def list_profiles() -> list[str]:
-    try:
-        from nanochat import config
-        names = getattr(config, "PROFILES", None) or getattr(config, "list_profiles", lambda: None)()
-        if names:
-            return list(names)
-    except Exception:
-        pass
-    return ["demo", "cpu", "speedrun", "d26", "d32"]
+    return list(config.PROFILES)
 
 
 def preview_config(profile: str, overrides: list[str]) -> str:
     """A few lines describing what a launch would run, or raise ValueError with the config's one-line error."""
     try:
-        from nanochat.config import load_config
-    except ImportError as e:
-        return f"profile {profile}, overrides {overrides or 'none'} (config preview unavailable: {e})"
-    try:
-        cfg = load_config(profile, overrides)
-    except Exception as e:  # ConfigError: one line naming the key and what is allowed
+        cfg = config.load_config(profile, overrides)
+    except config.ConfigError as e:  # one line naming the key and what is allowed
         raise ValueError(str(e)) from None
     data = cfg.to_dict()
     lines = [f"profile: {profile}"]

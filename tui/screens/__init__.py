@@ -1,13 +1,14 @@
-"""One screen per file: runs, dashboard, logs, compare, chat, report, help/alerts/menu."""
+"""One screen per file: runs (+ the new-run form), dashboard, logs, compare, chat, report, help/alerts.
+The modal dialogs they share live in tui/dialogs.py."""
 
 
 def all_screen_classes():
     from .chat import ChatScreen
     from .compare import CompareScreen
     from .dashboard import DashboardScreen
-    from .help import AlertsScreen, HelpScreen, MenuScreen
+    from .help import AlertsScreen, HelpScreen
     from .logs import LogsScreen
     from .report import ReportScreen
     from .runs import NewRunScreen, RunsScreen
     return [RunsScreen, NewRunScreen, DashboardScreen, LogsScreen, CompareScreen, ChatScreen, ReportScreen,
-            HelpScreen, AlertsScreen, MenuScreen]
+            HelpScreen, AlertsScreen]

@@ -1,26 +1,30 @@
-"""Chat with a checkpoint of the run. The Engine runs in a worker thread and pushes its stream into a
-queue; the UI drains it 20 times a second, coalescing tokens into one Markdown append, so typing never
-waits on generation. Tool calls render as collapsible blocks (code + result)."""
+"""Chat with a checkpoint of the run. The Engine runs in a worker thread and posts each item it streams;
+text goes to a Markdown stream, which coalesces whatever arrives while the widget is still rendering, so
+typing never waits on generation. Tool calls render as collapsible blocks (code + result). Everything the
+model or a tool wrote is shown as text (Markdown for the reply), never as Textual markup."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 from datetime import datetime
 from pathlib import Path
 
-from textual import on
+from rich.text import Text
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen, Screen
-from textual.widgets import Collapsible, Footer, Header, Input, Label, Markdown, OptionList, Select, Static
+from textual.content import Content
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Collapsible, Footer, Header, Input, Label, Markdown, Select, Static
+from textual.worker import Worker, get_current_worker
 
-from nanochat.common import atomic_write
+from nanochat.common import atomic_write, strip_controls
 
+from ..dialogs import PickScreen
 from ..services import list_checkpoints
 
-DRAIN_S = 0.05
+STOP_REASONS = {"max_tokens": "max tokens", "context": "context full", "stopped": "stopped"}  # the engine's and ours
 
 
 def conversation_to_markdown(conv: dict, title: str = "") -> str:
@@ -62,7 +66,20 @@ def parse_settings(temp_text: str, topk_text: str) -> tuple[float, int | None]:
 
 
 class UserMessage(Static):
-    pass
+    def __init__(self, text: str):
+        super().__init__(strip_controls(text), markup=False)
+
+
+class Notice(Static):
+    def __init__(self, text: str):
+        super().__init__(strip_controls(text), markup=False, classes="notice")
+
+
+class StreamItem(Message):
+    """One item of the engine's stream, from the generation worker."""
+    def __init__(self, item: dict, worker: Worker):
+        super().__init__()
+        self.item, self.worker = item, worker
 
 
 class AssistantMessage(Vertical):
@@ -82,7 +99,7 @@ class AssistantMessage(Vertical):
             self._stream = Markdown.get_stream(self._md)
             self.parts.append({"type": "text", "text": ""})
         self.parts[-1]["text"] += text
-        await self._stream.write(text)
+        await self._stream.write(strip_controls(text))
 
     async def _close_text(self):
         if self._stream is not None:
@@ -91,9 +108,10 @@ class AssistantMessage(Vertical):
 
     async def add_tool_call(self, code: str):
         await self._close_text()
-        first = code.strip().splitlines()[0][:50] if code.strip() else ""
-        self._tool = Collapsible(Static(code.rstrip(), classes="tool-code"), title=f"python: {first}",
-                                 collapsed=False, classes="tool")
+        code_shown = strip_controls(code)
+        first = code_shown.strip().splitlines()[0][:50] if code_shown.strip() else ""
+        self._tool = Collapsible(Static(code_shown.rstrip(), classes="tool-code", markup=False),
+                                 title=Content(f"python: {first}"), collapsed=False, classes="tool")
         await self.mount(self._tool)
         self.parts.append({"type": "python", "text": code})
 
@@ -101,15 +119,16 @@ class AssistantMessage(Vertical):
         if self._tool is None:
             await self.add_tool_call("")
         await self._tool.query_one(Collapsible.Contents).mount(
-            Static(f"→ {output.rstrip() or '(no output)'}", classes=f"tool-result {status}"))
-        self._tool.title += f"  → {status}"
+            Static(f"→ {strip_controls(output).rstrip() or '(no output)'}", classes=f"tool-result {status}",
+                   markup=False))
+        self._tool.title = Content.from_text(self._tool.title) + Content(f"  → {status}")
         self._tool = None
         self.parts.append({"type": "python_output", "text": output})
 
     async def finish(self, reason: str):
         await self._close_text()
-        if reason not in ("stop", "eos", "done", "assistant_end"):
-            await self.mount(Static(f"[{reason}]", classes="notice"))
+        if reason != "stop":
+            await self.mount(Notice(f"[{STOP_REASONS.get(reason, reason)}]"))
 
     def content(self):
         if len(self.parts) == 1 and self.parts[0]["type"] == "text":
@@ -135,9 +154,7 @@ class ChatScreen(Screen):
         self.conv: dict = {"messages": []}
         self.backend = None
         self.generating = False
-        self._stop_gen = threading.Event()
-        self._pending: list[dict] = []
-        self._lock = threading.Lock()
+        self._generation: Worker | None = None  # the worker streaming into _current
         self._current: AssistantMessage | None = None
         self._edit_index: int | None = None
         self.tokens_rendered = 0
@@ -160,16 +177,16 @@ class ChatScreen(Screen):
         self.title = f"nanochat · chat · {self.run_dir.name}"
         ckpts = list_checkpoints(self.run_dir)
         sel = self.query_one("#ckpt", Select)
-        sel.set_options([(f"{phase} step {step}", f"{phase}:{step}") for phase, step in ckpts])
+        sel.set_options([(Text(f"{phase} step {step}"), f"{phase}:{step}") for phase, step in ckpts])
         if ckpts:
             sel.value = f"{ckpts[0][0]}:{ckpts[0][1]}"
         else:
             self._status("this run has no checkpoint yet")
-        self.set_interval(DRAIN_S, self._drain)
+        self.query_one("#chat-log", VerticalScroll).anchor()  # stays at the bottom as the reply grows
         self.query_one("#chat-input", Input).focus()
 
     def _status(self, text: str):
-        self.query_one("#chat-status", Static).update(text)
+        self.query_one("#chat-status", Static).update(Text(text))  # errors quote checkpoints and messages
 
     # ----------------------------------------------------------------- checkpoint
     @on(Select.Changed, "#ckpt")
@@ -179,17 +196,19 @@ class ChatScreen(Screen):
         phase, step = e.value.split(":")
         self._status(f"loading {phase} step {step}…")
         self.backend = None
+        self._load(phase, int(step))
 
-        def job():
-            backend = self.app.services.chat()
-            try:
-                backend.load(self.run_dir, phase, int(step))
-            except Exception as err:
-                self.app.call_from_thread(self._status, f"load failed: {err}")
-                self.app.call_from_thread(self.notify, f"could not load {phase} step {step}: {err}", severity="error")
-                return
+    @work(thread=True, exclusive=True, group="load", exit_on_error=False)
+    def _load(self, phase: str, step: int):
+        backend = self.app.services.chat()
+        try:
+            backend.load(self.run_dir, phase, step)
+        except Exception as err:
+            self.app.call_from_thread(self._status, f"load failed: {err}")
+            self.app.call_from_thread(self.notify, f"could not load {phase} step {step}: {err}", severity="error")
+            return
+        if not get_current_worker().is_cancelled:  # another checkpoint was picked meanwhile
             self.app.call_from_thread(self._loaded, backend, f"{phase} step {step}")
-        self.run_worker(job, thread=True, exit_on_error=False, group="load", exclusive=True)
 
     def _loaded(self, backend, label):
         self.backend = backend
@@ -228,78 +247,62 @@ class ChatScreen(Screen):
     async def _generate(self, settings):
         temp, top_k = settings
         self._current = AssistantMessage()
-        log = self.query_one("#chat-log", VerticalScroll)
-        await log.mount(self._current)
-        log.scroll_end(animate=False)
+        await self.query_one("#chat-log", VerticalScroll).mount(self._current)
         self.generating = True
-        self._stop_gen.clear()
-        conv = json.loads(json.dumps(self.conv))  # the worker gets its own copy
         self._status("generating… (ctrl+g stops)")
-        self._t0 = time.perf_counter()
+        conv = json.loads(json.dumps(self.conv))  # the worker gets its own copy
+        self._generation = self._stream(conv, temp, top_k)
 
-        def job():
-            reason = "done"
-            try:
-                for item in self.backend.stream(conv, temperature=temp, top_k=top_k):
-                    if self._stop_gen.is_set():
-                        reason = "stopped"
-                        break
-                    with self._lock:
-                        self._pending.append(item)
-                    if item.get("type") == "done":
-                        return
-            except Exception as err:
-                reason = f"error: {err}"
-            with self._lock:
-                self._pending.append({"type": "done", "reason": reason, "tokens": None})
-        self.run_worker(job, thread=True, exit_on_error=False, group="generate")
+    @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
+    def _stream(self, conv: dict, temp: float, top_k: int | None):
+        """Post each item as it comes; stop at the next token once cancelled (ctrl+g, new chat, leaving)."""
+        worker = get_current_worker()
+        done = {"type": "done", "reason": "stop", "tokens": None}
+        try:
+            for item in self.backend.stream(conv, temperature=temp, top_k=top_k):
+                if worker.is_cancelled:
+                    done["reason"] = "stopped"
+                    break
+                if item.get("type") == "done":
+                    done = item
+                    break
+                self.post_message(StreamItem(item, worker))
+        except Exception as err:
+            done["reason"] = f"error: {err}"
+        self.post_message(StreamItem(done, worker))
 
-    async def _drain(self):
-        """Apply everything the engine produced since the last tick, text coalesced into one append."""
-        if not self._pending or self._current is None:
-            return
-        with self._lock:
-            items, self._pending = self._pending, []
-        msg, buf = self._current, []
-        for item in items:
-            kind = item.get("type")
-            if kind == "text":
-                buf.append(item.get("text", ""))
-                self.tokens_rendered += 1
-                continue
-            if buf:
-                await msg.add_text("".join(buf))
-                buf = []
-            if kind == "tool_call":
-                await msg.add_tool_call(item.get("code", ""))
-            elif kind == "tool_result":
-                await msg.add_tool_result(str(item.get("output", "")), str(item.get("status", "ok")))
-            elif kind == "notice":
-                await msg.mount(Static(item.get("text", ""), classes="notice"))
-            elif kind == "done":
-                await msg.finish(str(item.get("reason", "done")))
-                self.conv["messages"].append({"role": "assistant", "content": msg.content()})
-                self.generating = False
-                self._current = None
-                self.last_duration = time.perf_counter() - self._t0  # kept off screen: snapshots stay stable
-                self._status(f"ready · {item.get('tokens') or self.tokens_rendered} tokens"
-                             + (" (stopped)" if item.get("reason") == "stopped" else ""))
-                break
-        if buf:
-            await msg.add_text("".join(buf))
-        self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
+    async def on_stream_item(self, msg: StreamItem):
+        if msg.worker is not self._generation or self._current is None:
+            return  # a stopped generation's tail
+        item, reply = msg.item, self._current
+        kind = item.get("type")
+        if kind == "text":
+            self.tokens_rendered += 1
+            await reply.add_text(str(item.get("text", "")))
+        elif kind == "tool_call":
+            await reply.add_tool_call(str(item.get("code", "")))
+        elif kind == "tool_result":
+            await reply.add_tool_result(str(item.get("output", "")), str(item.get("status", "ok")))
+        elif kind == "notice":
+            await reply.mount(Notice(str(item.get("text", ""))))
+        elif kind == "done":
+            reason = str(item.get("reason", "stop"))
+            await reply.finish(reason)
+            self.conv["messages"].append({"role": "assistant", "content": reply.content()})
+            self.generating, self._current, self._generation = False, None, None
+            self._status(f"ready · {item.get('tokens') or self.tokens_rendered} tokens"
+                         + (" (stopped)" if reason == "stopped" else ""))
 
     # ----------------------------------------------------------------- actions
     def action_back(self):
         if self._edit_index is not None:
             self._cancel_edit()
             return
-        self._stop_gen.set()
-        self.app.pop_screen()
+        self.app.pop_screen()  # the screen's workers are cancelled with it
 
     def action_stop(self):
-        if self.generating:
-            self._stop_gen.set()
+        if self._generation is not None:
+            self._generation.cancel()
 
     async def action_regenerate(self):
         if self.generating or self.backend is None:
@@ -407,26 +410,8 @@ class ChatScreen(Screen):
                 await am.finish("done")
 
     async def action_new(self):
-        if self.generating:
-            self._stop_gen.set()
+        if self._generation is not None:
+            self._generation.cancel()
         self.conv, self.chat_name, self._edit_index = {"messages": []}, None, None
+        self.generating, self._current, self._generation = False, None, None
         await self.query_one("#chat-log").remove_children()
-
-
-class PickScreen(ModalScreen):
-    BINDINGS = [Binding("escape", "cancel", "Cancel", id="pick.cancel")]
-
-    def __init__(self, title: str, items: list[tuple[str, str]]):
-        super().__init__()
-        self.title_text, self.items = title, items
-
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog"):
-            yield Label(self.title_text)
-            yield OptionList(*[label for label, _ in self.items], id="pick")
-
-    def on_option_list_option_selected(self, e: OptionList.OptionSelected):
-        self.dismiss(self.items[e.option_index][1])
-
-    def action_cancel(self):
-        self.dismiss(None)

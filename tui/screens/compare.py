@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from textual import on
+from textual import on, work
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
@@ -52,7 +53,7 @@ class CompareScreen(Screen):
         sl.border_title = "runs (space selects)"
         pre = self.preselect if self.preselect is not None else runs[:2]
         for r in runs:
-            sl.add_option((r.name, str(r), r in pre))
+            sl.add_option((Text(r.name), str(r), r in pre))
         self.query_one(Plot).empty_text = "select two or more runs with training steps"
         self._update()
 
@@ -62,9 +63,12 @@ class CompareScreen(Screen):
             rd = Path(r)
             if rd not in self.models:
                 self.models[rd] = None  # loading
-                self.run_worker(lambda rd=rd: self.post_message(RunLoaded(rd, load_run(rd))), thread=True,
-                                exit_on_error=False, group="load")
+                self._load(rd)
         self._draw()
+
+    @work(thread=True, group="load", exit_on_error=False)
+    def _load(self, run_dir: Path):
+        self.post_message(RunLoaded(run_dir, load_run(run_dir)))
 
     def on_run_loaded(self, msg: RunLoaded):
         self.models[msg.run_dir] = msg.model

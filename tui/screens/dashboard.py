@@ -2,33 +2,29 @@
 samples, alerts. Rebuilt from the run directory every time it opens (events are the only source)."""
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from pathlib import Path
 
 from rich.text import Text
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static, TabbedContent, TabPane
 
 from ..alerts import AlertBook
 from ..runmodel import RunModel, RunReader, hourly_rate, read_config, run_cost, run_gpu_name
-from ..widgets.panels import GpuPanel, HostPanel, Pipeline, StatsPanel
+from ..widgets.panels import GpuPanel, HostPanel, Pipeline, StatsPanel, plain, severity_text, themed
 from ..widgets.plot import Plot, fmt_num
-from .runs import run_op
+from .runs import RunOps
 
 SMOOTHING = (0.0, 0.6, 0.9, 0.98)
 
 
-class EventsBatch(Message):
-    def __init__(self, events: list[dict], state: dict | None):
-        super().__init__()
-        self.events, self.state = events, state
-
-
-class DashboardScreen(Screen):
+class DashboardScreen(RunOps, Screen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back", id="dashboard.back"),
         Binding("l", "logs", "Logs", id="dashboard.logs"),
@@ -53,7 +49,6 @@ class DashboardScreen(Screen):
         self.model = RunModel(self.run_dir)
         self.state: dict = {"status": "?", "stages": []}
         self.config = read_config(self.run_dir)
-        self._stop = threading.Event()
         self._smooth_i = 0
         self._dirty = True
         self.loaded = threading.Event()  # set after the first batch (everything on disk) is applied
@@ -102,46 +97,52 @@ class DashboardScreen(Screen):
             al.add_column(c, key=c)
         cfg = self.app.cfg
         self.alerts = AlertBook(stall_s=cfg["stall_s"], gpu_idle_s=cfg["gpu_idle_s"])
-        self.on_gpus(self.app.gpus, self.app.gpu_error)
-        self.on_host(self.app.host)
-        self.run_worker(self._tail, thread=True, exit_on_error=False, name="tail", group="tail")
+        self.watch(self.app, "gpus", self._show_gpus)
+        self.watch(self.app, "gpu_error", self._show_gpus)
+        self.watch(self.app, "host", self._show_host)
+        self._tail()
         self.set_interval(1.0, self._tick)
 
-    def on_unmount(self):
-        self._stop.set()
-
-    # ----------------------------------------------------------------- ingestion (worker -> message)
-    def _tail(self):
+    # ----------------------------------------------------------------- ingestion
+    @work(exclusive=True, group="tail", exit_on_error=False)
+    async def _tail(self):
+        """Read new events and a changed state.json in a thread every events_poll_s; apply them here.
+        Cancelled with the screen."""
         reader = RunReader(self.run_dir)
-        sup = self.app.supervisor
         state_mtime = None
-        period = self.app.cfg["events_poll_s"]
-        while not self._stop.is_set():
-            events = reader.poll()
-            state = None
-            try:
-                m = (self.run_dir / "state.json").stat().st_mtime_ns
-            except FileNotFoundError:
-                m = None
-            if m != state_mtime or state_mtime is None:
-                state_mtime = m
-                state = sup.read_state(self.run_dir)
+        reattached_at = 0.0
+        while True:
+            events, state, state_mtime, reattached_at = await asyncio.to_thread(self._read, reader, state_mtime,
+                                                                                        reattached_at)
             if events or state is not None:
-                self.post_message(EventsBatch(events, state))
-            self._stop.wait(period)
+                self.apply(events, state)
+            self.loaded.set()
+            await asyncio.sleep(self.app.cfg["events_poll_s"])
 
-    def on_events_batch(self, msg: EventsBatch):
-        if msg.state is not None:
-            self.state = msg.state
-        anomalies = self.model.ingest(msg.events)
+    def _read(self, reader: RunReader, state_mtime, reattached_at: float):
+        sup = self.app.supervisor
+        if time.monotonic() - reattached_at > 2.0:  # a driver killed mid-stage is replaced, as `nanochat status` does
+            reattached_at = time.monotonic()
+            sup.reattach(self.run_dir)
+        events = reader.poll()
+        try:
+            m = (self.run_dir / "state.json").stat().st_mtime_ns
+        except FileNotFoundError:
+            m = -1
+        state = sup.read_state(self.run_dir) if m != state_mtime else None
+        return events, state, m, reattached_at
+
+    def apply(self, events: list[dict], state: dict | None):
+        if state is not None:
+            self.state = state
+        anomalies = self.model.ingest(events, checked=True)  # RunReader has type-checked them
         self.app.raise_alerts(self.alerts.on_anomalies(anomalies))
-        if any(e.get("kind") == "eval" for e in msg.events):
+        if any(e.get("kind") == "eval" for e in events):
             self._fill_evals()
-        if any(e.get("kind") == "sample" for e in msg.events):
+        if any(e.get("kind") == "sample" for e in events):
             self._fill_samples()
         self._dirty = True
         self.refresh_panels()
-        self.loaded.set()
 
     def _tick(self):
         """Once a second: rules that depend on time (stalls, idle GPUs) and the running cost."""
@@ -164,10 +165,10 @@ class DashboardScreen(Screen):
         # the running stage by name: an eval stage (or a training stage before its first step) has no curve
         cur = next((s.name for s in state["stages"] if s.status == "running"), None)
         running = [("  stage ", "dim"), cur] if cur else []
-        status = Text.assemble(("run ", "dim"), self.run_dir.name, ("  status ", "dim"), state.get("status", "?"),
+        status = Text.assemble(("run ", "dim"), self.run_dir.name, ("  status ", "dim"), str(state.get("status", "?")),
                                *running, ("  events ", "dim"), str(model.n_events))
         if n_alerts:
-            status.append(f"  ⚠ {n_alerts} alert(s) (5)", style="bold #ffb454")
+            status.append(themed(f"  ⚠ {n_alerts} alert(s) (5)", "bold $warning"))
         if status.plain != getattr(self, "_status_plain", None):
             self._status_plain = status.plain
             self.query_one("#dash-status", Static).update(status)
@@ -181,14 +182,14 @@ class DashboardScreen(Screen):
         t = self.query_one("#evals-table", DataTable)
         t.clear()
         for (stage, task, metric), (value, step) in sorted(self.model.evals.items()):
-            t.add_row(stage, task, metric, fmt_num(value), "-" if step is None else str(step))
+            t.add_row(*map(plain, (stage, task, metric, fmt_num(value), "-" if step is None else step)))
 
     def _fill_samples(self):
         out = Text()
         for s in self.model.samples[-40:][::-1]:
             out.append(f"{s['stage']} step {s['step']}\n", style="bold dim")
-            out.append(s["prompt"], style="bold")
-            out.append(s["text"] + "\n\n")
+            out.append(themed(str(s["prompt"]), "bold"))
+            out.append(plain(s["text"])).append("\n\n")
         self.query_one("#samples-text", Static).update(out)
 
     def _fill_alerts(self):
@@ -197,16 +198,16 @@ class DashboardScreen(Screen):
             return
         t.clear()
         for a in self.alerts.alerts:
-            t.add_row(Text(a.severity, style="bold #f07178" if a.severity == "error" else "#ffb454"), a.title,
-                      a.message + (" | " + a.detail.splitlines()[-1] if a.detail else ""))
+            t.add_row(severity_text(a.severity), plain(a.title),
+                      plain(a.message + (" | " + a.detail.splitlines()[-1] if a.detail else "")))
 
-    def on_gpus(self, gpus, error):
+    def _show_gpus(self):
         for p in self.query(GpuPanel):
-            p.show(gpus, error)
+            p.show(self.app.gpus, self.app.gpu_error)
 
-    def on_host(self, host):
+    def _show_host(self):
         for p in self.query(HostPanel):
-            p.show(host)
+            p.show(self.app.host)
 
     # ----------------------------------------------------------------- actions
     def _stage(self) -> str | None:
@@ -240,20 +241,20 @@ class DashboardScreen(Screen):
         self.app.open_run_screen(self.run_dir, "report")
 
     def action_stop(self):
-        run_op(self, "stop", self.run_dir)
+        self.run_op("stop", self.run_dir)
 
     def action_resume(self):
-        run_op(self, "resume", self.run_dir)
+        self.run_op("resume", self.run_dir)
 
     def action_retry(self):
         stage = self.failed_stage() or self._stage()
         if stage:
-            run_op(self, "retry", self.run_dir, stage)
+            self.run_op("retry", self.run_dir, stage)
 
     def action_skip(self):
         stage = self._stage()
         if stage:
-            run_op(self, "skip", self.run_dir, stage)
+            self.run_op("skip", self.run_dir, stage)
 
     def action_tab(self, tab: str):
         self.query_one(TabbedContent).active = tab

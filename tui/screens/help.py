@@ -1,18 +1,23 @@
-"""Help (every key with its binding id, for remapping), the alert list, and the actions menu."""
+"""Help (every key with its binding id, for remapping) and the alert list."""
 from __future__ import annotations
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
-from textual.screen import ModalScreen, Screen
-from textual.widgets import DataTable, Footer, Header, OptionList, Static
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
 
+from ..bindings import current_keys
 from ..services import tui_config_paths
+from ..widgets.panels import plain, severity_text
 
 
 class HelpScreen(Screen):
     BINDINGS = [Binding("escape,q", "app.pop_screen", "Back", id="help.back")]
+
+    def __init__(self, binding_ids: dict[str, tuple[str, str, str]]):
+        super().__init__()
+        self.binding_ids = binding_ids  # {id: (where, default keys, description)}
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -21,7 +26,6 @@ class HelpScreen(Screen):
         yield Footer()
 
     def on_mount(self):
-        from ..app import all_binding_ids
         self.title = "nanochat · help"
         paths = " or ".join(str(p) for p in tui_config_paths())
         self.query_one("#help-intro", Static).update(Text.assemble(
@@ -31,9 +35,9 @@ class HelpScreen(Screen):
         t = self.query_one(DataTable)
         for c in ("screen", "key", "action", "binding id"):
             t.add_column(c)
-        keymap = self.app._keymap
-        for bid, (where, key, desc) in sorted(all_binding_ids().items(), key=lambda kv: (kv[1][0], kv[0])):
-            t.add_row(where.replace("Screen", "").replace("NanochatApp", "global"), keymap.get(bid, key), desc, bid)
+        for bid, (where, key, desc) in sorted(self.binding_ids.items(), key=lambda kv: (kv[1][0], kv[0])):
+            t.add_row(*map(Text, (where.replace("Screen", "").replace("NanochatApp", "global"),
+                                  current_keys(self.app, bid, key), desc, bid)))
 
 
 class AlertsScreen(Screen):
@@ -43,7 +47,7 @@ class AlertsScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield DataTable(id="alert-list", cursor_type="row")
-        yield Static(id="alert-detail")
+        yield Static(id="alert-detail", markup=False)  # messages and tracebacks come from the run
         yield Footer()
 
     def on_mount(self):
@@ -52,13 +56,13 @@ class AlertsScreen(Screen):
         for c in ("severity", "alert", "message"):
             t.add_column(c)
         for a in self.app.alert_log:
-            t.add_row(Text(a.severity, style="bold #f07178" if a.severity == "error" else "#ffb454"), a.title, a.message)
+            t.add_row(severity_text(a.severity), plain(a.title), plain(a.message))
         if not self.app.alert_log:
             self.query_one("#alert-detail", Static).update("No alerts in this session.")
 
     def on_data_table_row_highlighted(self, e: DataTable.RowHighlighted):
         a = self.app.alert_log[e.cursor_row]
-        self.query_one("#alert-detail", Static).update(a.detail or a.message)
+        self.query_one("#alert-detail", Static).update(plain(a.detail or a.message))
 
     def action_open_log(self):
         t = self.query_one(DataTable)
@@ -68,21 +72,3 @@ class AlertsScreen(Screen):
         rd = self.app.current_run()
         if rd is not None and a.stage:
             self.app.open_run_screen(rd, "logs", stage=a.stage)
-
-
-class MenuScreen(ModalScreen):
-    """The actions of the current screen as a list: the same commands as the palette."""
-    BINDINGS = [Binding("escape", "app.pop_screen", "Close", id="menu.close")]
-
-    def __init__(self, commands):
-        super().__init__()
-        self.commands = commands
-
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog", id="menu"):
-            yield OptionList(*[Text.assemble(c.title, ("  " + c.help, "dim")) for c in self.commands], id="menu-list")
-
-    def on_option_list_option_selected(self, e: OptionList.OptionSelected):
-        cmd = self.commands[e.option_index]
-        self.app.pop_screen()
-        self.app.call_later(cmd.callback)

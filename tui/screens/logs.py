@@ -2,16 +2,18 @@
 (substring or regex, level). Files are read by seek, so multi-GB logs open instantly."""
 from __future__ import annotations
 
-import threading
+import asyncio
 from pathlib import Path
 
-from textual import on
+from rich.text import Text
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Select, Static
+from textual.worker import get_current_worker
 
 from ..logfile import LEVELS, LogFile, compile_query
 from ..widgets.logview import LogView
@@ -22,14 +24,10 @@ def list_logs(run_dir: Path) -> list[Path]:
     return sorted(p for p in Path(run_dir).rglob("*.log") if p.is_file() and "checkpoints" not in p.parts)
 
 
-class LogGrew(Message):
-    pass
-
-
 class FilterDone(Message):
-    def __init__(self, rows, token):
+    def __init__(self, rows):
         super().__init__()
-        self.rows, self.token = rows, token
+        self.rows = rows
 
 
 class SearchDone(Message):
@@ -61,9 +59,6 @@ class LogsScreen(Screen):
         self.filter_text = ""
         self.search_text = ""
         self._mode = "search"
-        self._stop = threading.Event()
-        self._token = 0
-        self._cancel_token = 0
         self.log_file: LogFile | None = None
 
     def compose(self) -> ComposeResult:
@@ -78,18 +73,14 @@ class LogsScreen(Screen):
     def on_mount(self):
         self.title = f"nanochat · logs · {self.run_dir.name}"
         self._populate_files()
-        self.run_worker(self._watch, thread=True, exit_on_error=False, group="logwatch")
+        self._watch()
         self.query_one(LogView).focus()
         self._flags()
-
-    def on_unmount(self):
-        self._stop.set()
 
     def _populate_files(self):
         files = list_logs(self.run_dir)
         sel = self.query_one("#logs-file", Select)
-        self._files = files
-        sel.set_options([(str(p.relative_to(self.run_dir)), str(p)) for p in files])
+        sel.set_options([(Text(str(p.relative_to(self.run_dir))), str(p)) for p in files])
         target = self.file
         if target is None and self.stage:
             # the stage's stderr first when it has content (tracebacks land there), else stdout
@@ -115,16 +106,18 @@ class LogsScreen(Screen):
         view.follow = True
         self._apply_filter()
 
-    def _watch(self):
-        """Index appended bytes (tail) off the UI thread; big files are indexed in 256 MiB steps."""
-        while not self._stop.is_set():
+    @work(exclusive=True, group="logwatch", exit_on_error=False)
+    async def _watch(self):
+        """Index appended bytes (tail) in a thread; big files are indexed in 256 MiB steps. Cancelled with
+        the screen."""
+        while True:
             log = self.log_file
-            if log is not None and log.refresh(budget=256 << 20):
-                self.post_message(LogGrew())
+            if log is not None and await asyncio.to_thread(log.refresh, budget=256 << 20):
+                self._grew()
                 continue
-            self._stop.wait(0.5)
+            await asyncio.sleep(0.5)
 
-    def on_log_grew(self, _):
+    def _grew(self):
         view = self.query_one(LogView)
         if self.filter_text or self.level:
             self._filter_tail()
@@ -142,7 +135,7 @@ class LogsScreen(Screen):
             parts.append(f"filter '{self.filter_text}' ({view.n_rows:,})")
         if self.search_text:
             parts.append(f"search '{self.search_text}'")
-        self.query_one("#logs-flags", Static).update("  ·  ".join(parts))
+        self.query_one("#logs-flags", Static).update(Text("  ·  ".join(parts)))  # the user's regex is not markup
 
     def _open_input(self, mode: str):
         self._mode = mode
@@ -207,14 +200,15 @@ class LogsScreen(Screen):
         pat = self._pattern(self.filter_text) if self.filter_text else None
         if self.filter_text and pat is None:
             return
-        self._token += 1
-        token, log, level = self._token, self.log_file, self.level
-        self._filter_end = None
+        self._filter(self.log_file, pat, self.level)
 
-        def job():
-            rows = log.filter(pat, level, cancel=lambda: self._token != token)
-            self.post_message(FilterDone(rows, token))
-        self.run_worker(job, thread=True, exit_on_error=False, group="filter")
+    @work(thread=True, exclusive=True, group="filter", exit_on_error=False)
+    def _filter(self, log: LogFile, pat, level: int):
+        """A newer filter cancels this one (exclusive): the scan stops at its next chunk."""
+        worker = get_current_worker()
+        rows = log.filter(pat, level, cancel=lambda: worker.is_cancelled)
+        if not worker.is_cancelled:
+            self.post_message(FilterDone(rows))
 
     def _filter_tail(self):
         """Filter only the lines appended since the last filter pass and extend the rows."""
@@ -230,8 +224,6 @@ class LogsScreen(Screen):
         view.sync()
 
     def on_filter_done(self, msg: FilterDone):
-        if msg.token != self._token:
-            return
         self._filtered_upto = len(self.log_file) if self.log_file else 0
         view = self.query_one(LogView)
         view.set_pattern(self._pattern(self.filter_text) if self.filter_text else view.pattern)
@@ -248,21 +240,21 @@ class LogsScreen(Screen):
         view = self.query_one(LogView)
         view.set_pattern(pat)
         start = view.current if view.current is not None else view.top_line() - (0 if backwards else 1)
-        log, query = self.log_file, self.search_text
         rows = set(view.rows) if view.rows is not None else None
+        self._search(self.log_file, pat, start, backwards, rows, self.search_text)
 
-        def job():
-            k, seen = start, set()
-            while True:  # when filtered, skip matches on hidden lines
-                k = log.find(pat, k, backwards=backwards)
-                if k is None or rows is None or k in rows:
-                    break
-                if k in seen:  # wrapped around: only hidden lines match
-                    k = None
-                    break
-                seen.add(k)
-            self.post_message(SearchDone(k, query))
-        self.run_worker(job, thread=True, exit_on_error=False, group="search", exclusive=True)
+    @work(thread=True, exclusive=True, group="search", exit_on_error=False)
+    def _search(self, log: LogFile, pat, start: int, backwards: bool, rows: set | None, query: str):
+        k, seen = start, set()
+        while True:  # when filtered, skip matches on hidden lines
+            k = log.find(pat, k, backwards=backwards)
+            if k is None or rows is None or k in rows:
+                break
+            if k in seen:  # wrapped around: only hidden lines match
+                k = None
+                break
+            seen.add(k)
+        self.post_message(SearchDone(k, query))
 
     def on_search_done(self, msg: SearchDone):
         if msg.line is None:

@@ -3,14 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from textual import on
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, Footer, Header, Input, Label, MarkdownViewer
-
-from nanochat.common import atomic_write
+from textual.screen import Screen
+from textual.widgets import Footer, Header, MarkdownViewer
 
 
 class ReportScreen(Screen):
@@ -41,72 +38,17 @@ class ReportScreen(Screen):
         text = path.read_text() if path.exists() else "*no report yet: press g to generate it*"
         self.query_one(MarkdownViewer).document.update(text)
 
-    def action_generate(self, then=None):
+    def action_generate(self):
         self.query_one(MarkdownViewer).document.update("*generating report.md from the events…*")
+        self._generate()
 
-        def job():
-            try:
-                self.app.services.report(self.run_dir)
-            except Exception as e:
-                self.app.call_from_thread(self.notify, f"report failed: {e}", severity="error")
-                self.app.call_from_thread(self._show)
-                return
-            self.app.call_from_thread(self._show)
-            if then:
-                self.app.call_from_thread(then)
-        self.run_worker(job, thread=True, exit_on_error=False, group="report", exclusive=True)
+    @work(thread=True, exclusive=True, group="report", exit_on_error=False)
+    def _generate(self):
+        try:
+            self.app.services.report(self.run_dir)
+        except Exception as e:
+            self.app.call_from_thread(self.notify, f"report failed: {e}", severity="error")
+        self.app.call_from_thread(self._show)
 
     def action_export(self):
-        export_report_flow(self.app, self.run_dir)
-
-
-def export_report_flow(app, run_dir: Path):
-    """Ask where to, (re)generate report.md in a worker, copy it there atomically."""
-    default = Path.cwd() / f"{run_dir.name}-report.md"
-
-    def chosen(dest):
-        if not dest:
-            return
-
-        def job():
-            try:
-                src = app.services.report(run_dir)
-                out = Path(dest).expanduser()
-                if out.is_dir():
-                    out = out / f"{run_dir.name}-report.md"
-                atomic_write(out, Path(src).read_text())
-            except Exception as e:
-                app.call_from_thread(app.notify, f"export failed: {e}", severity="error")
-                return
-            app.call_from_thread(app.notify, f"report exported to {out}", timeout=6)
-        app.run_worker(job, thread=True, exit_on_error=False, group="export")
-    app.push_screen(ExportScreen(str(default)), chosen)
-
-
-class ExportScreen(ModalScreen):
-    BINDINGS = [Binding("escape", "cancel", "Cancel", id="export.cancel")]
-
-    def __init__(self, default: str):
-        super().__init__()
-        self.default = default
-
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog"):
-            yield Label("Export report.md to:")
-            yield Input(self.default, id="export-path")
-            with Horizontal(classes="buttons"):
-                yield Button("Export", id="ok", variant="primary")
-                yield Button("Cancel", id="cancel")
-
-    @on(Input.Submitted)
-    def _submit(self, e):
-        self.dismiss(e.value.strip() or None)
-
-    @on(Button.Pressed)
-    def _pressed(self, e):
-        self.dismiss(self.query_one(Input).value.strip() if e.button.id == "ok" else None)
-
-    def action_cancel(self):
-        self.dismiss(None)
-
-
+        self.app.ask_export_report(self.run_dir)

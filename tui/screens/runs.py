@@ -16,13 +16,23 @@ from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Sel
 
 from nanochat.report import fmt_duration
 
+from ..dialogs import ConfirmScreen
 from ..runmodel import RunSummary, quick_summary
 from ..services import list_profiles, preview_config
-from ..widgets.panels import GLYPH
+from ..widgets.panels import plain, status_text
 
 # config keys the launch form's depth / GPU fields set (the rest go through free-form overrides)
 DEPTH_KEY = "base_train.depth"
 GPUS_KEY = "run.nproc_per_node"
+
+
+def plan_preview(profile: str, overrides: list[str]) -> str:
+    """`nanochat plan`'s text for the form; ValueError with the one-line reason when a run would be refused."""
+    from nanochat.config import load_config
+    from nanochat.scaling import check_plan, format_plan, plan
+    p = plan(load_config(profile, overrides))
+    check_plan(p)  # ConfigError is a ValueError
+    return format_plan(p)
 
 
 class RunsLoaded(Message):
@@ -35,7 +45,32 @@ def fmt_time(ts: float | None) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
 
 
-class RunsScreen(Screen):
+class RunOps:
+    """Supervisor operations for a screen, in a worker (stop waits for the stage to checkpoint), reported
+    as notifications; the screen refreshes afterwards if it can."""
+
+    def run_op(self, op: str, run_dir: Path, stage: str | None = None):
+        label = f"{op} {stage}" if stage else op
+        self.notify(f"{label}: {run_dir.name} …", timeout=2)
+        self._run_op(op, label, run_dir, stage)
+
+    @work(thread=True, group="ops", exit_on_error=False)
+    def _run_op(self, op: str, label: str, run_dir: Path, stage: str | None):
+        sup = self.app.supervisor
+        fn = {"stop": lambda: sup.stop_run(run_dir), "resume": lambda: sup.resume_run(run_dir),
+              "retry": lambda: sup.retry_stage(run_dir, stage), "skip": lambda: sup.skip_stage(run_dir, stage),
+              "delete": lambda: sup.delete_run(run_dir)}[op]
+        try:
+            fn()
+        except Exception as e:
+            self.app.call_from_thread(self.notify, f"{label} failed: {e}", severity="error")
+            return
+        self.app.call_from_thread(self.notify, f"{label}: {run_dir.name}", timeout=3)
+        if hasattr(self, "action_refresh"):
+            self.app.call_from_thread(self.action_refresh)
+
+
+class RunsScreen(RunOps, Screen):
     BINDINGS = [
         Binding("enter", "open", "Open", id="runs.open"),
         Binding("n", "new", "New run", id="runs.new"),
@@ -81,6 +116,7 @@ class RunsScreen(Screen):
         rows = []
         for rd in sup.list_runs():
             try:
+                sup.reattach(rd)  # a run whose driver died mid-stage gets a new one, as `nanochat status` does
                 rows.append(quick_summary(rd, sup.read_state(rd), now, app.cfg["gpu_hourly_usd"], gpu))
             except (OSError, ValueError):
                 continue  # deleted while we read it (here or from another terminal): it is gone, skip it
@@ -94,9 +130,9 @@ class RunsScreen(Screen):
             if key not in new:
                 t.remove_row(key)
         for key, r in new.items():
-            glyph, style = GLYPH.get(r.status, ("?", ""))
-            cells = (r.run_dir.name, Text(f"{glyph} {r.status}", style=style), r.stage, r.progress,
-                     fmt_time(r.started), fmt_duration(r.wall), f"${r.cost:,.2f}")
+            # as Text: a run or stage name is never markup
+            cells = (plain(r.run_dir.name), status_text(r.status), plain(r.stage), plain(r.progress),
+                     plain(fmt_time(r.started)), plain(fmt_duration(r.wall)), plain(f"${r.cost:,.2f}"))
             if key in self._rows:
                 for col, val in zip(("run", "status", "stage", "progress", "started", "wall", "cost"), cells):
                     t.update_cell(key, col, val)
@@ -105,7 +141,7 @@ class RunsScreen(Screen):
         self._rows = new
         empty = self.query_one("#runs-empty", Static)
         empty.display = not new
-        empty.update("No runs yet under " + str(self.app.supervisor.runs_root) + ". Press n to start one.")
+        empty.update(plain(f"No runs yet under {self.app.supervisor.runs_root}. Press n to start one."))
         if keep is not None and str(keep) in new:
             t.move_cursor(row=t.get_row_index(str(keep)))
 
@@ -152,12 +188,12 @@ class RunsScreen(Screen):
     def action_stop(self):
         rd = self._need_run()
         if rd:
-            run_op(self, "stop", rd)
+            self.run_op("stop", rd)
 
     def action_resume(self):
         rd = self._need_run()
         if rd:
-            run_op(self, "resume", rd)
+            self.run_op("resume", rd)
 
     def action_retry(self):
         rd = self._need_run()
@@ -167,7 +203,7 @@ class RunsScreen(Screen):
             if not failed:
                 self.notify("no failed or stopped stage to retry", severity="warning")
                 return
-            run_op(self, "retry", rd, failed[0])
+            self.run_op("retry", rd, failed[0])
 
     def action_delete(self):
         rd = self._need_run()
@@ -176,54 +212,8 @@ class RunsScreen(Screen):
 
         def confirmed(yes):
             if yes:
-                run_op(self, "delete", rd)
+                self.run_op("delete", rd)
         self.app.push_screen(ConfirmScreen(f"Delete run {rd.name} and all its files?"), confirmed)
-
-
-def run_op(screen: Screen, op: str, run_dir: Path, stage: str | None = None):
-    """Run a supervisor operation in a worker (stop waits for the stage to checkpoint) and report back."""
-    sup = screen.app.supervisor
-    fn = {"stop": lambda: sup.stop_run(run_dir), "resume": lambda: sup.resume_run(run_dir),
-          "retry": lambda: sup.retry_stage(run_dir, stage), "skip": lambda: sup.skip_stage(run_dir, stage),
-          "delete": lambda: sup.delete_run(run_dir)}[op]
-    label = f"{op} {stage}" if stage else op
-
-    def job():
-        try:
-            fn()
-        except Exception as e:
-            screen.app.call_from_thread(screen.app.notify, f"{label} failed: {e}", severity="error")
-            return
-        screen.app.call_from_thread(screen.app.notify, f"{label}: {run_dir.name}", timeout=3)
-        if hasattr(screen, "action_refresh"):
-            screen.app.call_from_thread(screen.action_refresh)
-    screen.app.notify(f"{label}: {run_dir.name} …", timeout=2)
-    screen.run_worker(job, thread=True, exit_on_error=False, group="ops")
-
-
-class ConfirmScreen(ModalScreen[bool]):
-    BINDINGS = [Binding("y", "yes", "Yes", id="confirm.yes"), Binding("escape,n", "no", "No", id="confirm.no")]
-
-    def __init__(self, question: str):
-        super().__init__()
-        self.question = question
-
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog"):
-            yield Label(self.question)
-            with Horizontal(classes="buttons"):
-                yield Button("Yes (y)", id="yes", variant="error")
-                yield Button("No (n)", id="no")
-
-    def action_yes(self):
-        self.dismiss(True)
-
-    def action_no(self):
-        self.dismiss(False)
-
-    @on(Button.Pressed)
-    def _pressed(self, e):
-        self.dismiss(e.button.id == "yes")
 
 
 class NewRunScreen(ModalScreen):
@@ -270,7 +260,8 @@ class NewRunScreen(ModalScreen):
     def _update_preview(self, *_):
         prev = self.query_one("#preview", Static)
         try:
-            text = preview_config(self.query_one("#profile", Select).value, self.overrides())
+            profile, overrides = self.query_one("#profile", Select).value, self.overrides()
+            text = preview_config(profile, overrides) + "\n\n" + plan_preview(profile, overrides)
             prev.update(Text(text))  # plain text: "[base_train] ..." is not markup
             prev.set_class(False, "error")
             self._ok = True

@@ -10,16 +10,17 @@ from textual.geometry import Size
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from nanochat.common import strip_controls
+
 from ..logfile import LogFile, line_level
 
 BLOCK = 128
-LEVEL_STYLE = {0: Style(dim=True), 1: Style(), 2: Style(color="#ffb454"), 3: Style(color="#f07178")}
-MATCH = Style(bgcolor="#6b4f00", bold=True)
-CURRENT = Style(bgcolor="#264f78")
+LEVEL_NAMES = ("debug", "info", "warning", "error")  # line_level 0..3, styled in app.tcss as logview--<name>
 
 
 class LogView(ScrollView, can_focus=True):
     DEFAULT_CSS = "LogView { height: 1fr; }"
+    COMPONENT_CLASSES = {*(f"logview--{name}" for name in LEVEL_NAMES), "logview--match", "logview--current"}
 
     def __init__(self, **kw):
         super().__init__(**kw)
@@ -103,10 +104,12 @@ class LogView(ScrollView, can_focus=True):
         if self.logfile is None or row >= self.n_rows:
             return Strip.blank(width, self.rich_style)
         k = self.rows[row] if self.rows is not None else row
-        text = self._line(k).expandtabs(4)
-        base = LEVEL_STYLE[line_level(text.encode("utf-8", "replace"))] if text else Style()
+        text = strip_controls(self._line(k)).expandtabs(4)  # a log's colour codes are shown as text, not sent
+        style = self.get_component_rich_style
+        base = style(f"logview--{LEVEL_NAMES[line_level(text.encode('utf-8', 'replace'))]}", partial=True) if text else Style()
         if k == self.current:
-            base = base + CURRENT
+            base = base + style("logview--current", partial=True)
+        match = style("logview--match", partial=True)
         segs = []
         pos = 0
         if self._text_pattern is not None:
@@ -114,7 +117,7 @@ class LogView(ScrollView, can_focus=True):
                 if m.start() == m.end():
                     continue
                 segs.append(Segment(text[pos:m.start()], base))
-                segs.append(Segment(m.group(), base + MATCH))
+                segs.append(Segment(m.group(), base + match))
                 pos = m.end()
         segs.append(Segment(text[pos:], base))
         x = int(self.scroll_offset.x)

@@ -5,7 +5,10 @@ import math
 
 from rich.table import Table
 from rich.text import Text
+from textual.style import Style
 from textual.widgets import OptionList, Static
+
+from nanochat.common import strip_controls
 from textual.widgets.option_list import Option
 
 from nanochat.report import fmt_duration
@@ -13,8 +16,28 @@ from nanochat.report import fmt_duration
 from ..runmodel import RunModel, StageState, fnum
 from .plot import fmt_num
 
-GLYPH = {"pending": ("·", "dim"), "running": ("▶", "bold #4fc1ff"), "succeeded": ("✓", "#7fd962"),
-         "failed": ("✗", "bold #f07178"), "stopped": ("■", "#ffb454"), "skipped": ("↷", "dim"), "incomplete": ("◌", "#ffb454")}
+# styles name theme variables ($error, ...), so they follow the theme like app.tcss does
+GLYPH = {"pending": ("·", "dim"), "running": ("▶", "bold $primary"), "succeeded": ("✓", "$success"),
+         "failed": ("✗", "bold $error"), "stopped": ("■", "$warning"), "skipped": ("↷", "dim"), "incomplete": ("◌", "$warning")}
+
+
+def plain(text) -> Text:
+    """What a run, a log or a model wrote, to show as is: never markup, no terminal control sequences."""
+    return Text(strip_controls(str(text)))
+
+
+def themed(text: str, style: str) -> Text:
+    """`plain(text)` in a style that may name theme variables, resolved for the current theme."""
+    return Text(strip_controls(text), style=Style.parse(style).rich_style if style else "")
+
+
+def status_text(status: str) -> Text:
+    glyph, style = GLYPH.get(status, ("?", ""))
+    return themed(f"{glyph} {status}", style)
+
+
+def severity_text(severity: str) -> Text:
+    return themed(severity, "bold $error" if severity == "error" else "$warning")
 
 
 def fmt_bytes(b: float) -> str:
@@ -33,7 +56,7 @@ class Pipeline(OptionList):
         opts = []
         for s in stages:
             glyph, style = GLYPH.get(s.status, ("?", ""))
-            t = Text.assemble((f"{glyph} ", style), (s.name, style if s.status != "pending" else "dim"))
+            t = themed(f"{glyph} {s.name}", style)
             info = model.stages.get(s.name) if model else None
             if info and info.step is not None and info.total_steps:
                 t.append(f" {min(100, 100 * info.step / max(1, info.total_steps)):3.0f}%", style="dim")
@@ -70,9 +93,9 @@ class StatsPanel(_Cached):
         t.add_column(style="dim", no_wrap=True)
         t.add_column(no_wrap=True)
         if info:
-            t.add_row("stage", stage)
-            t.add_row("step", f"{info.step}/{info.total_steps}" if info.total_steps else str(info.step))
-            t.add_row("loss", fmt_num(info.loss) if info.loss is not None else "-")
+            t.add_row("stage", plain(stage))  # names come from the events: never markup
+            t.add_row("step", plain(f"{info.step}/{info.total_steps}" if info.total_steps else str(info.step)))
+            t.add_row("loss", Text(fmt_num(fnum(info.loss)) if info.loss is not None else "-"))
             tps, mfu, tokens = fnum(info.tok_per_sec), fnum(info.mfu), fnum(info.tokens)  # None/"nan" -> NaN
             t.add_row("tok/s", fmt_num(tps) if math.isfinite(tps) else "-")
             t.add_row("MFU", f"{100 * mfu:.1f}%" if math.isfinite(mfu) else "-")
@@ -90,18 +113,18 @@ class GpuPanel(_Cached):
         if not self.changed((repr(gpus), error)):
             return
         if not gpus:
-            self.update(Text(error or "no GPU stats yet", style="dim"))
+            self.update(themed(error or "no GPU stats yet", "dim"))
             return
         t = Table(box=None, padding=(0, 1), expand=True, show_edge=False)
         for col in ("#", "util", "mem", "temp", "power", "MHz", "throttle"):
             t.add_column(col, no_wrap=True, style="dim" if col == "#" else None)
         for g in gpus:
-            util_style = "#7fd962" if g.util >= 50 else "#ffb454" if g.util >= 5 else "#f07178"
-            t.add_row(str(g.index), Text(f"{g.util:3.0f}%", style=util_style),
+            util_style = "$success" if g.util >= 50 else "$warning" if g.util >= 5 else "$error"
+            t.add_row(str(g.index), themed(f"{g.util:3.0f}%", util_style),
                       f"{g.mem_used / 2**30:.0f}/{g.mem_total / 2**30:.0f}G", f"{g.temp:.0f}C",
                       f"{g.power:.0f}/{g.power_limit:.0f}W", str(g.sm_clock),
-                      Text(",".join(g.throttle) or "-", style="bold #f07178" if g.throttle else "dim"))
-        self.border_subtitle = gpus[0].name if gpus else ""
+                      themed(",".join(g.throttle) or "-", "bold $error" if g.throttle else "dim"))
+        self.border_subtitle = plain(gpus[0].name)  # a border title is markup unless given as Text
         self.update(t)
 
 

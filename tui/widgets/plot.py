@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from rich.style import Style
 from rich.text import Text
 from textual.widget import Widget
 
-PALETTE = ("#4fc1ff", "#ffb454", "#7fd962", "#f07178", "#c792ea", "#89ddff", "#ffcb6b", "#a6accd")
+N_COLORS = 8  # series colours: the component classes plot--series-0..7, styled from the theme in app.tcss
 _BITS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))  # [row][col] within a cell
 
 
@@ -45,6 +46,7 @@ class Plot(Widget):
     """`set_series([(label, xs, ys)])`, then toggles: `log_y`, `smoothing` (EMA weight 0..0.99)."""
 
     DEFAULT_CSS = "Plot { height: 1fr; min-height: 6; }"
+    COMPONENT_CLASSES = {f"plot--series-{i}" for i in range(N_COLORS)}
 
     def __init__(self, *, id: str | None = None, classes: str | None = None, y_label: str = ""):
         super().__init__(id=id, classes=classes)
@@ -76,9 +78,19 @@ class Plot(Widget):
         if self.smoothing:
             flags.append(f"ema {self.smoothing:.2f}")
         # with the latest value: a curve of one or two points (an eval at the end of a stage) is hard to read
-        legend = "  ".join(f"[{PALETTE[i % len(PALETTE)]}]━[/] {label}" + (f" {fmt_num(ys[-1])}" if len(ys) else "")
-                           for i, (label, _, ys) in enumerate(self.series))
-        self.border_subtitle = "  ".join(filter(None, [legend, " ".join(flags)]))
+        legend = Text()  # labels are run and stage names: plain text, never markup
+        for i, (label, _, ys) in enumerate(self.series):
+            legend.append("━", style=self._color(i))
+            legend.append(f" {label}" + (f" {fmt_num(ys[-1])}" if len(ys) else "") + "  ")
+        legend.append(" ".join(flags))
+        legend.rstrip()
+        self.border_subtitle = legend
+
+    def _color(self, i: int) -> Style:
+        try:
+            return self.get_component_rich_style(f"plot--series-{i % N_COLORS}", partial=True)
+        except KeyError:  # not mounted (drawn in a test): no stylesheet, no colour
+            return Style()
 
     def _ys(self, i: int, label: str, ys: list) -> list:
         if not self.smoothing:
@@ -156,6 +168,7 @@ class Plot(Widget):
                     self._span(cells, owner, i, c2, a2, max(b, a2 + 1))
                 pc, pr = c, e
         text = Text(no_wrap=True, overflow="crop")
+        colors = [self._color(i) for i in range(len(self.series))]
         lab = [fmt_num(10 ** v if self.log_y else v) for v in (ymax, (ymax + ymin) / 2, ymin)]
         label_rows = {0: lab[0], ph // 2: lab[1], ph - 1: lab[2]}
         for r in range(ph):
@@ -164,7 +177,7 @@ class Plot(Widget):
             for c in range(pw):
                 v = cells[r, c]
                 ch = chr(0x2800 + int(v)) if v else " "
-                st = PALETTE[owner[r, c] % len(PALETTE)] if v else None
+                st = colors[owner[r, c]] if v else None
                 if st != run_style and run:
                     text.append("".join(run), style=run_style)
                     run = []
