@@ -22,6 +22,9 @@ is missing, unless `[defaults.sandbox] allow_reduced_isolation = true` (nanochat
 `configure(allow_reduced_isolation=True)`: then the old path runs (rlimits, an empty network namespace,
 the guard; as root it can be escaped, see docs/security.md) and every result says
 `isolation="reduced"`. See docs/security.md for the attacks tried and their results.
+
+The calculator keeps one sandboxed worker per process (same boundary) that evaluates many expressions,
+so a tool call costs well under a millisecond instead of a sandbox start; it is killed after a timeout.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -387,17 +391,26 @@ def _finish(proc: subprocess.Popen, t0: float, timeout: float, cap: int):
             except subprocess.TimeoutExpired:
                 timed_out = True  # closed its pipes but kept running
     finally:
-        # bwrap: its PID-1 child dies with it (--die-with-parent) and takes the whole PID namespace
-        # along; the reduced path has only the process group (start_new_session made pid the group id).
-        for kill in (os.kill, os.killpg):
-            try:
-                kill(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        proc.wait()
-        proc.stdout.close()
+        _kill(proc)  # always: nothing it started may outlive the call
         proc.stderr.close()
     return out, err, timed_out, truncated
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """bwrap: its PID-1 child dies with it (--die-with-parent) and takes the whole PID namespace along;
+    once bwrap has exited, so has the namespace. The reduced path has only the process group
+    (start_new_session made pid the group id), which can outlive its leader."""
+    if proc.returncode is None:  # not reaped yet, so the pid is still ours to signal
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # a live group keeps its id from being reused
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    proc.stdout.close()
 
 
 def _result(rc, out: bytes, err: bytes, timed_out: bool, truncated: bool, t0: float, timeout: float, cpu_s: int,
@@ -452,7 +465,9 @@ def _run_bwrap(b: _Bwrap, code: str, timeout: float, memory_mb: int, max_output_
     except OSError as e:
         return SandboxResult("error", "", f"sandbox could not start: {e}", None, time.monotonic() - t0)
     out, err, timed_out, truncated = _finish(proc, t0, timeout, max_output_bytes)
-    return _result(proc.returncode, out, err, timed_out, truncated, t0, timeout, cpu_seconds, True, "full")
+    rc = proc.returncode
+    rc = 128 - rc if rc > 128 else rc  # bwrap exits 128+N when the code died of signal N: report it as -N
+    return _result(rc, out, err, timed_out, truncated, t0, timeout, cpu_seconds, True, "full")
 
 
 def _run_reduced(code: str, timeout: float, memory_mb: int, max_output_bytes: int, max_file_mb: int,
@@ -536,17 +551,12 @@ class _CalcWorker:
 
     def __init__(self):
         self.proc, self.pid_owner = None, None
+        self.lock = threading.Lock()  # one expression at a time (the engine may be driven from threads)
 
     def kill(self):
         if self.proc is not None:
-            for kill in (os.kill, os.killpg):
-                try:
-                    kill(self.proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            self.proc.wait()
+            _kill(self.proc)
             self.proc.stdin.close()
-            self.proc.stdout.close()
             self.proc = None
 
     def _start(self, b: _Bwrap):
@@ -558,6 +568,10 @@ class _CalcWorker:
         os.set_blocking(self.proc.stdout.fileno(), False)
 
     def __call__(self, b: _Bwrap, expr: str, timeout: float) -> tuple[str, str]:
+        with self.lock:
+            return self._eval(b, expr, timeout)
+
+    def _eval(self, b: _Bwrap, expr: str, timeout: float) -> tuple[str, str]:
         if self.proc is None or self.pid_owner != os.getpid() or self.proc.poll() is not None:
             self.proc = None if self.pid_owner != os.getpid() else self.proc  # a forked copy: not ours to kill
             self.kill()

