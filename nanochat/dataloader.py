@@ -154,17 +154,6 @@ class PackingLoader:
             self._add(read_documents(self.files, chunk), chunk)
 
 
-def eval_batches(tokenizer, files, B: int, T: int, rank: int = 0, world_size: int = 1, device="cpu",
-                 max_batches: int | None = None, **kwargs):
-    """The same packed batches from the start of `files` every call (one pass): for val bits per byte
-    with nanochat.loss_eval.evaluate_bpb, which counts only the target tokens that stand for bytes."""
-    loader = PackingLoader(tokenizer, files, B, T, rank, world_size, device, loop=False, **kwargs)
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            return
-        yield batch
-
-
 class ConversationPacker:
     """next(packer) -> (x, y) of shape (B, T): rendered conversations packed BOS-aligned, best fit, never cropped.
 

@@ -96,13 +96,14 @@ def summary_table(stages: list[StageData]) -> dict[str, dict[str, dict]]:
 
 def completeness(e: dict) -> str:
     """'complete', or 'partial: ...' naming what is missing, of an aggregate (or bpb) event."""
-    if not e.get("partial"):
-        return "complete" + (f" ({e['n']} tasks)" if isinstance(e.get("n"), int) else "")
     if e.get("metric") == "bpb":
+        if not e.get("partial"):
+            return f"complete ({_fmt(e.get('tokens'), 'int')} tokens)"
         return f"partial: {_fmt(e.get('tokens'), 'int')} of the {_fmt(e.get('tokens_requested'), 'int')} tokens asked " \
                "(the split ran out)"
-    missing = e.get("missing") or []
-    return f"partial: {e.get('n', '?')} tasks, missing {', '.join(missing) if missing else '?'}"
+    missing, n = e.get("missing") or [], e.get("n")
+    of = f"{n} of {n + len(missing)} tasks" if isinstance(n, int) else "? tasks"
+    return f"partial: {of}, missing {', '.join(missing) or '?'}" if e.get("partial") else f"complete ({of})"
 
 
 # ------------------------------------------------------------------------------------ formatting
@@ -245,6 +246,7 @@ def _stage_section(sd: StageData, st: dict | None) -> list[str]:
         rewards = [e["reward"] for e in steps if isinstance(e.get("reward"), (int, float))]
         if rewards:
             facts.append(f"- Reward: {rewards[0]:.4f} → {rewards[-1]:.4f}")
+    facts += [f"- Skipped: {e.get('message')}" for e in sd.kind("log") if e.get("skipped")]
     ck = sd.last("checkpoint")
     if ck:
         facts.append(f"- Last checkpoint: step {ck.get('step')}")

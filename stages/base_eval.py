@@ -59,7 +59,7 @@ def resolve_bundle(ctx: StageContext) -> Path | None:
         if ctx.cfg["base_eval"]["require_core"]:
             raise ConfigError(msg)
         print0(f"CORE skipped: {msg}")
-        ctx.events.emit("log", message=f"CORE skipped: {msg}")
+        ctx.events.emit("log", message=f"CORE skipped: {msg}", skipped=True)
         return None
     return path
 
@@ -68,7 +68,7 @@ def split_bpb(ctx: StageContext, model, tokenizer) -> dict:
     """Bits per byte on the train and the val split, as the reference's base_eval: `bpb_tokens` per split
     from the start of its files, one pass (a split with fewer tokens gives what it has, and says so)."""
     from nanochat.config import check_data_dir
-    from nanochat.dataloader import eval_batches
+    from nanochat.dataloader import PackingLoader
     from nanochat.dataset import data_files
     from nanochat.loss_eval import bits_per_byte
     B, T, world = ctx.cfg["base_train"]["device_batch_size"], model.config.sequence_len, ctx.dist.world_size
@@ -79,11 +79,11 @@ def split_bpb(ctx: StageContext, model, tokenizer) -> dict:
     for split in ("train", "val"):
         try:
             files = data_files(check_data_dir(ctx.cfg), split)
-            batches = eval_batches(tokenizer, files, B, T, ctx.dist.rank, world, ctx.dist.device)
+            batches = PackingLoader(tokenizer, files, B, T, ctx.dist.rank, world, ctx.dist.device, loop=False)
             r = bits_per_byte(model, batches, steps, token_bytes)
         except (ConfigError, ValueError, FileNotFoundError) as e:
             print0(f"{split} bpb skipped: {e}")
-            ctx.events.emit("log", message=f"{split} bpb skipped: {e}")
+            ctx.events.emit("log", message=f"{split} bpb skipped: {e}", skipped=True)
             continue
         r["tokens_requested"] = steps * B * T * world
         short = r["tokens"] < r["tokens_requested"]

@@ -65,7 +65,7 @@ def main(ctx: StageContext) -> dict:
             tasks[name] = chat_eval.load_task(name)
         except TaskDataError as e:
             print0(f"{name}: skipped: {e}")
-            ev.emit("log", message=f"{name} skipped: {e}", task=name)
+            ev.emit("log", message=f"{name} skipped: {e}", task=name, skipped=True)
             missing.append(name)
     if not tasks:
         raise ConfigError(f"no chat eval task could be loaded ({', '.join(missing)}); see the messages above")

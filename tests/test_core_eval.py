@@ -456,7 +456,10 @@ def test_gold_model_on_shared_tasks():
             model = ending_model(data, spec.delimiter, lambda it: it["gold"])
         data = ce.prepare_task(data, 4)
         assert ce.evaluate_task(model, ByteTok(), data, spec, max_len=1 << 20) == [(True, False)] * 4, label
-        assert right(UNIFORM, data, spec) == [spec.task_type != "language_modeling" and it["gold"] == 0 for it in data]
+        if spec.task_type == "language_modeling":
+            assert not any(right(UNIFORM, data, spec))
+        # (no uniform-model check for choices: means of equal losses over different lengths differ in
+        # float32's last bit, as in the reference, so "ties go to choice 0" holds only for equal lengths)
 
 
 # ----------------------------------------------------------------------------- multi-process

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.dataloader import PackingLoader, eval_batches
+from nanochat.dataloader import PackingLoader
 from nanochat.dataset import iter_documents, list_data_files, read_documents
 from nanochat.demo_corpus import make_demo_corpus
 
@@ -97,7 +97,7 @@ def test_rows_are_bos_aligned_whole_documents_and_best_fit(tmp_path):
     files = list_data_files(tmp_path)
     T = 40
     # a buffer that holds the whole corpus: then "best fit" is checkable against everything not yet used
-    batches = list(eval_batches(IdTokenizer(), files, B=3, T=T, buffer_size=10_000))
+    batches = list(PackingLoader(IdTokenizer(), files, B=3, T=T, buffer_size=10_000, loop=False))
     assert len(batches) > 10
     seen = check_rows(batches, lengths, T)
     known = [d for d in seen if d is not None]
@@ -190,25 +190,30 @@ def test_demo_corpus_rows_decode_to_document_text(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(next(loader), next(again)))
 
 
-def test_eval_batches_are_repeatable_and_bounded(tmp_path):
+def test_eval_loader_is_one_repeatable_pass(tmp_path):
     files = make_demo_corpus(tmp_path, n_docs=200, seed=2, docs_per_shard=100)
-    one = list(eval_batches(ByteTokenizer(), files[-1:], B=2, T=64))
-    two = list(eval_batches(ByteTokenizer(), files[-1:], B=2, T=64))
+    one = list(PackingLoader(ByteTokenizer(), files[-1:], B=2, T=64, loop=False))
+    two = list(PackingLoader(ByteTokenizer(), files[-1:], B=2, T=64, loop=False))
     assert len(one) > 3 and all(torch.equal(a[0], b[0]) for a, b in zip(one, two))
-    assert len(list(eval_batches(ByteTokenizer(), files[-1:], B=2, T=64, max_batches=2))) == 2
 
 
-def test_eval_batches_feed_bits_per_byte(tmp_path):
-    from nanochat.loss_eval import evaluate_bpb
+def test_bits_per_byte_is_one_pass_and_says_when_it_ran_short(tmp_path):
+    from nanochat.loss_eval import bits_per_byte, evaluate_bpb
     files = make_demo_corpus(tmp_path, n_docs=400, seed=2, docs_per_shard=400)
 
     class Uniform(torch.nn.Module):  # every token costs ln(257) nats: exactly log2(257) bits per byte
         def forward(self, x, y, loss_reduction="mean"):
             return torch.full(y.shape, math.log(257.0))
 
-    batches = eval_batches(ByteTokenizer(), files[-1:], B=2, T=32, max_batches=3)
     token_bytes = torch.tensor(ByteTokenizer().token_bytes())
-    assert evaluate_bpb(Uniform(), batches, 3, token_bytes) == pytest.approx(math.log2(257))
+    n = len(list(PackingLoader(ByteTokenizer(), files[-1:], B=2, T=32, loop=False)))
+    r = bits_per_byte(Uniform(), PackingLoader(ByteTokenizer(), files[-1:], B=2, T=32, loop=False), 3, token_bytes)
+    assert r == {"bpb": pytest.approx(math.log2(257)), "tokens": 3 * 2 * 32, "steps": 3}
+    # asked for more than the split holds: every batch once, no cycling, and the count says so
+    r = bits_per_byte(Uniform(), PackingLoader(ByteTokenizer(), files[-1:], B=2, T=32, loop=False), n + 50, token_bytes)
+    assert r["steps"] == n and r["tokens"] == n * 2 * 32 < (n + 50) * 2 * 32
+    assert evaluate_bpb(Uniform(), PackingLoader(ByteTokenizer(), files[-1:], B=2, T=32), 3, token_bytes) == \
+        pytest.approx(math.log2(257))
 
 
 def test_with_the_real_tokenizer(tmp_path):

@@ -247,6 +247,8 @@ def test_aggregates_say_complete_or_partial_with_the_missing_tasks(tmp_path):
     base.eval(task="copa", metric="centered", value=0.2, phase="base")
     base.eval(task="CORE", metric="core", value=0.2, phase="base", partial=True, missing=["coqa", "squad"], n=20)
     base.eval(task="val", metric="bpb", value=1.1, phase="base", tokens=1000, tokens_requested=4096, partial=True)
+    base.eval(task="train", metric="bpb", value=1.2, phase="base", tokens=4096, tokens_requested=4096, partial=False)
+    base.emit("log", message="HumanEval skipped: no local copy", skipped=True)
     base.end()
     base.close()
     for phase, partial in (("mid", False), ("sft", True)):
@@ -263,11 +265,12 @@ def test_aggregates_say_complete_or_partial_with_the_missing_tasks(tmp_path):
     assert cells["CORE"] == ["0.2000 (partial)", "-", "-", "-"]
     assert cells["ChatCORE"] == ["-", "0.5000", "0.5000 (partial)", "-"]
     assert cells["SpellingBee"] == ["-", "0.7500", "0.7500", "-"]
-    assert "- CORE BASE: partial: 20 tasks, missing coqa, squad" in rep
-    assert "- ChatCORE MID: complete (6 tasks)" in rep and "- ChatCORE SFT: partial: 5 tasks, missing HumanEval" in rep
+    assert "- CORE BASE: partial: 20 of 22 tasks, missing coqa, squad" in rep
+    assert "- ChatCORE MID: complete (6 of 6 tasks)" in rep and "- ChatCORE SFT: partial: 5 of 6 tasks, missing HumanEval" in rep
     core = section(rep, "base_eval")
     assert "| copa | 0.6000 | 0.2000 | core_icl/local_data/copa.jsonl; 2 example(s) cropped to the model's context |" in core
     assert "| val | bpb | 1.1000 | partial: 1,000 of the 4,096 tokens asked (the split ran out) |" in core
+    assert "| train | bpb | 1.2000 | complete (4,096 tokens) |" in core and "- Skipped: HumanEval skipped: no local" in core
 
 
 def test_an_eval_without_a_phase_is_no_phase_score(tmp_path):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import random
 import zipfile
-from pathlib import Path
 
 from nanochat.tasks.common import Task, find_local
 from nanochat.tasks.gsm8k import extract_answer, final_text
