@@ -87,13 +87,13 @@ class RunsScreen(RunOps, Screen):
             t.add_column(col, key=col, width=w)
         self._rows: dict[str, RunSummary] = {}
         self.action_refresh()
-        self.set_interval(2.0, self._auto_refresh)
+        self._auto_refresh = self.set_interval(2.0, self.action_refresh)
 
-    def _auto_refresh(self):
-        if self.is_current:  # a screen hidden under the dashboard does no work
-            self.action_refresh()
+    def on_screen_suspend(self):
+        self._auto_refresh.pause()  # hidden under another screen: no work, not even a timer tick
 
     def on_screen_resume(self):
+        self._auto_refresh.resume()
         self.action_refresh()
 
     def action_refresh(self):
