@@ -2,7 +2,7 @@
 rendering throughput. The app runs headless in this process (it still lays out and renders every frame);
 the event writer is a separate process (tests/fake_run.py), so process CPU time is the TUI's alone.
 
-    .venv/bin/python bench/tui.py [--seconds 10]
+    .venv/bin/python bench/tui.py [--seconds 10] [--poll 1.0]
 
 Targets: idle < 2% of a core, 50 events/s < 10%, a 100k-event run opened in < 2 s, no dropped or
 reordered events. The last line printed is one JSON object with every figure.
@@ -28,10 +28,13 @@ from tui.app import NanochatApp  # noqa: E402
 from tui.services import DEFAULT_TUI_CONFIG, NvmlProvider, Services, Supervisor  # noqa: E402
 
 
+POLL = {}  # --poll: the GPU and host poll period, as `nanochat-tui --poll`
+
+
 def make_app(base: Path, chat_tokens: int = 12, **kw) -> NanochatApp:
     sv = Services(supervisor=Supervisor(base), gpu=lambda: NvmlProvider(FakeNvml()), host=fixed_host,
                   chat=lambda: FakeChatBackend(delay=0.0, n_tokens=chat_tokens))
-    return NanochatApp(services=sv, tui_config=dict(DEFAULT_TUI_CONFIG, keys={}), **kw)
+    return NanochatApp(services=sv, tui_config=dict(DEFAULT_TUI_CONFIG, keys={}, **POLL), **kw)
 
 
 async def wait_for(cond, timeout=60.0):
@@ -89,15 +92,19 @@ async def bench_open(base: Path, n_events: int) -> dict:
     r.close()
     app = make_app(base)
     async with app.run_test(size=(160, 48)) as pilot:
-        t0 = time.perf_counter()
+        # timed: opening the run from a loaded run list, as a user would (before, the list's own read of the
+        # 100k events ran alongside)
+        await wait_for(lambda: app.screen.query_one("#runs-table").row_count == 1)
+        t0, c0 = time.perf_counter(), time.process_time()
         app.open_run_screen(r.dir)
         await pilot.pause(0)
         scr = app.screen
         await wait_for(lambda: scr.loaded.is_set())
         await pilot.pause(0)  # the frame with the plots of the full history
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         assert scr.model.n_events == n_events and len(scr.model.loss["base_train"]) == n_events - 1
-    return {"open_100k_events_s": round(dt, 3), "open_events": n_events}
+    # wall time is the target; CPU time says how much of it was ours on a loaded machine
+    return {"open_100k_events_s": round(dt, 3), "open_100k_events_cpu_s": round(cpu, 3), "open_events": n_events}
 
 
 async def bench_chat(base: Path, n_tokens: int) -> dict:
@@ -124,15 +131,19 @@ def main():
     ap.add_argument("--seconds", type=float, default=10.0, help="measurement window per CPU figure")
     ap.add_argument("--open-events", type=int, default=100_000)
     ap.add_argument("--chat-tokens", type=int, default=5000)
+    ap.add_argument("--poll", type=float, help="GPU/host poll period in seconds (default: the tui.toml defaults)")
     args = ap.parse_args()
+    if args.poll:
+        POLL.update(gpu_poll_s=args.poll, host_poll_s=args.poll)
     os.environ.setdefault("NANOCHAT_BASE_DIR", tempfile.mkdtemp(prefix="nanochat-bench-"))
-    res = {}
+    res = {"loadavg_1m_start": round(os.getloadavg()[0], 2)}  # other work on the machine slows the wall-time figures
     with tempfile.TemporaryDirectory() as d:
         res.update(asyncio.run(bench_ingest(Path(d) / "a", args.seconds)))
         res.update(asyncio.run(bench_open(Path(d) / "b", args.open_events)))
         res.update(asyncio.run(bench_chat(Path(d) / "c", args.chat_tokens)))
     res["targets_met"] = bool(res["idle_cpu_pct"] < 2 and res["ingest_50_cpu_pct"] < 10 and res["open_100k_events_s"] < 2
                               and res["ingest_50_in_order_no_drops"] and res["ingest_1000_in_order_no_drops"])
+    res["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     for k, v in res.items():
         print(f"{k:32s} {v}")
     print(json.dumps(res))

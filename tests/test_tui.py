@@ -464,6 +464,10 @@ async def test_run_text_is_never_markup_nor_terminal_control(tmp_path):
                     what="failure alert")
         shown = [n for n in app._notifications if n.title == "stage base_train failed"]  # what the toast shows
         assert shown and not shown[0].markup and SHOWN in shown[0].message and "\x1b" not in shown[0].message
+        scr.notify(f"stop failed: {HOSTILE}")  # a screen's notify (Widget.notify asks for markup by default)
+        await pilot.pause()
+        shown = [n for n in app._notifications if n.message.startswith("stop failed")]
+        assert shown and not shown[0].markup and shown[0].message == f"stop failed: {SHOWN}"
         cells = [plain_of(c).strip() for row in range(scr.query_one("#evals-table").row_count)
                  for c in scr.query_one("#evals-table").get_row_at(row)]
         assert SHOWN in cells and "[/]" in cells and "nan" in cells

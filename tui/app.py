@@ -101,11 +101,11 @@ class NanochatApp(App):
         return None
 
     def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
-               markup: bool = False):
-        """Notifications carry run names, errors and log lines: plain text unless a caller asks for markup."""
-        if not markup:
-            message, title = strip_controls(message), strip_controls(title)
-        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+               markup: bool = True):
+        """Always plain text: notifications carry run names, errors and log lines (and Widget.notify, which
+        every screen's self.notify goes through, asks for markup by default)."""
+        super().notify(strip_controls(message), title=strip_controls(title), severity=severity, timeout=timeout,
+                       markup=False)
 
     def raise_alerts(self, alerts: list[Alert]):
         for a in alerts:

@@ -182,7 +182,6 @@ class ChatScreen(Screen):
             sel.value = f"{ckpts[0][0]}:{ckpts[0][1]}"
         else:
             self._status("this run has no checkpoint yet")
-        self.query_one("#chat-log", VerticalScroll).anchor()  # stays at the bottom as the reply grows
         self.query_one("#chat-input", Input).focus()
 
     def _status(self, text: str):
@@ -276,6 +275,7 @@ class ChatScreen(Screen):
             return  # a stopped generation's tail
         item, reply = msg.item, self._current
         kind = item.get("type")
+        log = self.query_one("#chat-log", VerticalScroll)
         if kind == "text":
             self.tokens_rendered += 1
             await reply.add_text(str(item.get("text", "")))
@@ -292,6 +292,7 @@ class ChatScreen(Screen):
             self.generating, self._current, self._generation = False, None, None
             self._status(f"ready · {item.get('tokens') or self.tokens_rendered} tokens"
                          + (" (stopped)" if reason == "stopped" else ""))
+        log.scroll_end(animate=False)  # follow the reply (applied after the next refresh)
 
     # ----------------------------------------------------------------- actions
     def action_back(self):

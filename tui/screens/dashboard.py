@@ -51,6 +51,7 @@ class DashboardScreen(RunOps, Screen):
         self.config = read_config(self.run_dir)
         self._smooth_i = 0
         self._dirty = True
+        self._bpb_shown = None
         self.loaded = threading.Event()  # set after the first batch (everything on disk) is applied
 
     def compose(self) -> ComposeResult:
@@ -133,6 +134,8 @@ class DashboardScreen(RunOps, Screen):
         return events, state, m, reattached_at
 
     def apply(self, events: list[dict], state: dict | None):
+        """New events into the model. The pipeline and plots redraw here on the first batch and when a stage
+        changes state, else at most once a second (the tick): a fast run does not redraw per poll."""
         if state is not None:
             self.state = state
         anomalies = self.model.ingest(events, checked=True)  # RunReader has type-checked them
@@ -142,13 +145,14 @@ class DashboardScreen(RunOps, Screen):
         if any(e.get("kind") == "sample" for e in events):
             self._fill_samples()
         self._dirty = True
-        self.refresh_panels()
+        self.refresh_panels(plots=state is not None or not self.loaded.is_set())
 
     def _tick(self):
-        """Once a second: rules that depend on time (stalls, idle GPUs) and the running cost."""
+        """Once a second: rules that depend on time (stalls, idle GPUs), the running cost, and what the
+        events of the last second changed."""
         self.app.raise_alerts(self.alerts.check(self.state, self.model, self.app.gpus, self.app.services.clock()))
         self._fill_alerts()
-        self.refresh_panels(plots=False)
+        self.refresh_panels(plots=self._dirty)
 
     # ----------------------------------------------------------------- rendering
     def refresh_panels(self, plots: bool = True):
@@ -171,12 +175,15 @@ class DashboardScreen(RunOps, Screen):
             status.append(themed(f"  ⚠ {n_alerts} alert(s) (5)", "bold $warning"))
         if status.plain != getattr(self, "_status_plain", None):
             self._status_plain = status.plain
-            self.query_one("#dash-status", Static).update(status)
+            self.query_one("#dash-status", Static).update(status, layout=False)  # one row, always
         if plots and self._dirty:
             self._dirty = False
             loss = [(n, s.xs, s.ys) for n, s in model.loss.items()]
             self.query_one("#loss-plot", Plot).set_series([x for x in loss if x[0] == stage] or loss[-1:])
-            self.query_one("#bpb-plot", Plot).set_series([(n, s.xs, s.ys) for n, s in model.val_bpb.items()])
+            bpb = [(n, s.xs, s.ys) for n, s in model.val_bpb.items()]
+            if [(n, len(xs)) for n, xs, _ in bpb] != self._bpb_shown:  # evals are rare: most batches have none
+                self._bpb_shown = [(n, len(xs)) for n, xs, _ in bpb]
+                self.query_one("#bpb-plot", Plot).set_series(bpb)
 
     def _fill_evals(self):
         t = self.query_one("#evals-table", DataTable)

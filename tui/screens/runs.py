@@ -45,7 +45,7 @@ def fmt_time(ts: float | None) -> str:
 
 class RunOps:
     """Supervisor operations for a screen, in a worker (stop waits for the stage to checkpoint), reported
-    as notifications; the screen refreshes afterwards if it can."""
+    as notifications."""
 
     def run_op(self, op: str, run_dir: Path, stage: str | None = None):
         label = f"{op} {stage}" if stage else op
@@ -64,8 +64,10 @@ class RunOps:
             self.app.call_from_thread(self.notify, f"{label} failed: {e}", severity="error")
             return
         self.app.call_from_thread(self.notify, f"{label}: {run_dir.name}", timeout=3)
-        if hasattr(self, "action_refresh"):
-            self.app.call_from_thread(self.action_refresh)
+        self.app.call_from_thread(self.after_op)
+
+    def after_op(self):
+        """Called on the UI thread once an operation succeeded (the dashboard sees it in state.json)."""
 
 
 class RunsScreen(RunOps, Screen):
@@ -94,13 +96,16 @@ class RunsScreen(RunOps, Screen):
             t.add_column(col, key=col, width=w)
         self._rows: dict[str, RunSummary] = {}
         self.action_refresh()
-        self.set_interval(2.0, self._auto_refresh)
+        self._auto_refresh = self.set_interval(2.0, self.action_refresh)
 
-    def _auto_refresh(self):
-        if self.is_current:  # a screen hidden under the dashboard does no work
-            self.action_refresh()
+    def after_op(self):
+        self.action_refresh()
+
+    def on_screen_suspend(self):
+        self._auto_refresh.pause()  # hidden under another screen: no work, not even a timer tick
 
     def on_screen_resume(self):
+        self._auto_refresh.resume()
         self.action_refresh()
 
     def action_refresh(self):

@@ -52,19 +52,25 @@ class Pipeline(OptionList):
     """The run's stages with their states; the highlighted stage is the target of logs/retry/skip."""
 
     def show(self, stages: list[StageState], model: RunModel | None):
-        keep = self.highlighted
-        opts = []
+        rows = []
         for s in stages:
             glyph, style = GLYPH.get(s.status, ("?", ""))
             t = themed(f"{glyph} {s.name}", style)
             info = model.stages.get(s.name) if model else None
             if info and info.step is not None and info.total_steps:
-                t.append(f" {min(100, 100 * info.step / max(1, info.total_steps)):3.0f}%", style="dim")
-            opts.append(Option(t, id=s.name))
+                t.append(f" {min(100, 100 * fnum(info.step) / max(1, fnum(info.total_steps))):3.0f}%", style="dim")
+            rows.append((s.name, t))
+        shown = [(o.id, o.prompt) for o in self.options]
+        if [name for name, _ in rows] == [name for name, _ in shown]:
+            for i, ((_, t), (_, old)) in enumerate(zip(rows, shown)):  # same stages: only changed lines redraw
+                if t != old:
+                    self.replace_option_prompt_at_index(i, t)
+            return
+        keep = self.highlighted
         self.clear_options()
-        self.add_options(opts)
-        if opts:
-            self.highlighted = keep if keep is not None and keep < len(opts) else 0
+        self.add_options([Option(t, id=name) for name, t in rows])
+        if rows:
+            self.highlighted = keep if keep is not None and keep < len(rows) else 0
 
     @property
     def selected_stage(self) -> str | None:
@@ -87,25 +93,23 @@ class _Cached(Static):
 class StatsPanel(_Cached):
     def show(self, model: RunModel | None, stage: str | None, wall: float, cost: float):
         info = model.stages.get(stage) if (model and stage) else None
-        if not self.changed((stage, info and (info.step, info.loss, info.ended), int(wall), round(cost, 2))):
-            return
-        t = Table.grid(padding=(0, 1))
-        t.add_column(style="dim", no_wrap=True)
-        t.add_column(no_wrap=True)
+        rows = [("stage", stage or "-")]
         if info:
-            t.add_row("stage", plain(stage))  # names come from the events: never markup
-            t.add_row("step", plain(f"{info.step}/{info.total_steps}" if info.total_steps else str(info.step)))
-            t.add_row("loss", Text(fmt_num(fnum(info.loss)) if info.loss is not None else "-"))
             tps, mfu, tokens = fnum(info.tok_per_sec), fnum(info.mfu), fnum(info.tokens)  # None/"nan" -> NaN
-            t.add_row("tok/s", fmt_num(tps) if math.isfinite(tps) else "-")
-            t.add_row("MFU", f"{100 * mfu:.1f}%" if math.isfinite(mfu) else "-")
-            t.add_row("tokens", fmt_num(tokens) if math.isfinite(tokens) else "-")
-            t.add_row("ETA", fmt_duration(fnum(info.eta_s)) if not info.ended else "done")
-        else:
-            t.add_row("stage", "-")
-        t.add_row("wall", fmt_duration(wall))
-        t.add_row("cost", f"${cost:,.2f}")
-        self.update(t)
+            rows += [("step", f"{info.step}/{info.total_steps}" if info.total_steps else str(info.step)),
+                     ("loss", fmt_num(fnum(info.loss)) if info.loss is not None else "-"),
+                     ("tok/s", fmt_num(tps) if math.isfinite(tps) else "-"),
+                     ("MFU", f"{100 * mfu:.1f}%" if math.isfinite(mfu) else "-"),
+                     ("tokens", fmt_num(tokens) if math.isfinite(tokens) else "-"),
+                     ("ETA", fmt_duration(fnum(info.eta_s)) if not info.ended else "done")]
+        rows += [("wall", fmt_duration(wall)), ("cost", f"${cost:,.2f}")]
+        n_before = len(self._key or ())
+        if not self.changed(tuple(rows)):  # what is shown, not the raw values: a ticking clock redraws rarely
+            return
+        t = Text(no_wrap=True, overflow="ellipsis")  # a Text, not a rich Table: a tenth of the render cost
+        for i, (label, value) in enumerate(rows):
+            t.append(f"{label:<6} ", style="dim").append(plain(value)).append("\n" if i < len(rows) - 1 else "")
+        self.update(t, layout=len(rows) != n_before)  # same rows: the panel keeps its size
 
 
 class GpuPanel(_Cached):
