@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, VE_GATE_CHANNELS, GPTConfig, KVCache, SoftcapCrossEntropy
+from nanochat.gpt import GPT, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig, KVCache, SoftcapCrossEntropy
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -219,18 +219,18 @@ def test_param_groups_counts_and_optimizer_groups():
     assert g["wte"] == V * C and g["lm_head"] == V * C
     assert g["value_embeds"] == 2 * V * kv  # layers 1 and 3 (every other layer, last included)
     assert g["matrices"] == cfg.n_layer * (2 * C * C + 2 * C * kv + 8 * C * C) + 2 * VE_GATE_CHANNELS * cfg.n_kv_head  # + gates
-    assert g["scalars"] == 2 * cfg.n_layer
+    assert g["scalars"] == 2 * cfg.n_layer + SMEAR_CHANNELS + 2  # lambdas, smear gate, smear and backout lambdas
     assert g["total"] == sum(p.numel() for p in model.parameters())
     adamw, muon = model.setup_optimizers(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5)
     names = [grp["name"] for grp in adamw.param_groups]
-    assert names == ["lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas"]
+    assert names == ["lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas", "smear_backout"]
     scale = (C / 768) ** -0.5
     assert adamw.param_groups[0]["lr"] == pytest.approx(0.004 * scale)
     assert adamw.param_groups[1]["lr"] == pytest.approx(0.2 * scale)
     assert adamw.param_groups[2]["lr"] == pytest.approx(0.1 * scale)  # value embeddings: half
     assert adamw.param_groups[3]["lr"] == pytest.approx(0.005) and adamw.param_groups[4]["lr"] == 0.5
     assert [grp["betas"] for grp in adamw.param_groups] == [(0.8, 0.96), (0.8, 0.995), (0.8, 0.995), (0.8, 0.95),
-                                                            (0.96, 0.95)]
+                                                            (0.96, 0.95), (0.8, 0.95)]
     assert all(p.ndim == 2 for grp in muon.param_groups for p in grp["params"])
     assert sum(len(grp["params"]) for grp in muon.param_groups) == 6 * cfg.n_layer + 2  # + 2 value-embedding gates
     assert {len({tuple(p.shape) for p in grp["params"]}) for grp in muon.param_groups} == {1}  # one shape each
