@@ -128,20 +128,52 @@ def _sliding_mask(Tq: int, Tk: int, window: int | None, device: torch.device) ->
     return m
 
 
-def attention(q, k, v, window: int | None):
+def attention(q, k, v, window: int | None, impl: str = "auto"):
     """q: (B, H, Tq, D), k/v: (B, Hkv, Tk, D), Tk >= Tq; the queries are the last Tq of the Tk positions.
-    SDPA picks the kernel: flash (CUDA) / the CPU flash kernel for the causal case, a masked kernel for
-    sliding windows and for chunks decoded on top of a cache."""
+
+    impl "auto": full-context layers go to SDPA (flash on CUDA, the CPU flash kernel for the causal case);
+    sliding windows go to FlexAttention on CUDA (block-sparse: blocks outside the window are skipped,
+    where SDPA with a dense mask falls back to a kernel that computes them all) and to masked SDPA on the
+    CPU. "sdpa" / "flex" force one path (the tests compare them on CPU, where flex runs eagerly)."""
     Tq, Tk = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
     if window is not None and Tk <= window:
         window = None  # the window cannot bind: nothing is further back than it
+    if impl not in ("auto", "sdpa", "flex"):
+        raise ValueError(f"attention impl={impl!r}; allowed: auto, sdpa, flex")
+    if impl == "flex" or (impl == "auto" and window is not None and q.is_cuda and Tq > 1):
+        return flex_attention(q, k, v, window)
     if window is None and Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if window is None and Tq == 1:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # one new token sees every key given
     return F.scaled_dot_product_attention(q, k, v, attn_mask=_sliding_mask(Tq, Tk, window, q.device),
                                           enable_gqa=gqa)
+
+
+@lru_cache(maxsize=32)
+def _block_mask(Tq: int, Tk: int, window: int | None, device: str):
+    """FlexAttention's block-sparse form of _sliding_mask (built once per shape: it costs a pass over
+    the blocks). Under torch.compile the cache lookup stays in Python; the mask is a constant input."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    offset = Tk - Tq
+
+    def causal_window(b, h, qi, ki):
+        keep = ki <= qi + offset
+        return keep & (ki > qi + offset - window) if window is not None else keep
+    return create_block_mask(causal_window, B=None, H=None, Q_LEN=Tq, KV_LEN=Tk, device=device)
+
+
+_FLEX = {}  # device type -> flex_attention (compiled on CUDA: eager flex materialises every score)
+
+
+def flex_attention(q, k, v, window: int | None):
+    """Causal (optionally windowed) attention through torch's FlexAttention, same layout as attention()."""
+    if q.device.type not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+        _FLEX[q.device.type] = torch.compile(flex, dynamic=False) if q.is_cuda else flex
+    mask = _block_mask(q.size(2), k.size(2), window, str(q.device))
+    return _FLEX[q.device.type](q, k, v, block_mask=mask, enable_gqa=q.size(1) != k.size(1))
 
 
 # ----------------------------------------------------------------------------- KV cache
