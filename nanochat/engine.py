@@ -174,6 +174,8 @@ class Engine:
         C, S = C[pos - start], S[pos - start]
         half = self._half
         x = norm(m.wte(ids))  # (B, 1, C)
+        prev, cache.last_emb = cache.last_emb, x
+        x = m.smear(x, prev)
         x0 = x
         for i, block in enumerate(m.blocks):
             attn, (lr, l0) = block.attn, self._lambdas[i]
@@ -197,9 +199,11 @@ class Engine:
                                                enable_gqa=attn.n_head != attn.n_kv_head)  # (B, H, 1, D)
             x = x + attn.c_proj(y.view(B, 1, -1))
             x = x + block.mlp.c_proj(F.relu(block.mlp.c_fc(norm(x))).square_())
+            if i == m.backout_layer:
+                x_mid = x
         cache.advance(1)
         cap = m.config.softcap
-        return self._head(norm(x)[:, 0]).div_(cap).tanh_().mul_(cap)
+        return self._head(norm(x - m.backout_lambda * x_mid)[:, 0]).div_(cap).tanh_().mul_(cap)
 
     def _cache(self, batch_size: int, max_len: int) -> KVCache:
         kv_heads, head_dim, layers = self.cache_shape

@@ -8,6 +8,10 @@ A decoder-only transformer, read top to bottom:
   at init resid_lambda falls from 1.15 (first layer) to 1.05 (last) and x0_lambda from 0.20 to 0.05
 - value embeddings: every other layer (always including the last) has its own embedding table whose row
   for the current token is added to V, scaled per kv-head by a learned gate 3*sigmoid(W_g x[:12])
+- smear: each position adds the previous token's normed embedding, scaled by a learned gate
+  smear_lambda * sigmoid(W_s x[:24]) (0 at init): bigram information for free
+- backout: before the final norm, backout_lambda (0.2 at init) times the residual stream after the
+  middle layer is subtracted, removing low-level features the lm_head does not need
 - queries and keys are RMS-normed then scaled by 1.2 (sharper attention than plain QK-norm); rotary base 100k
 - sliding-window attention: window_pattern like "SSSL" is tiled over the layers; S attends to the last
   quarter of the context (rounded up to a multiple of 128), L to everything; the last layer is always L
@@ -31,6 +35,7 @@ VE_GATE_CHANNELS = 12  # the value-embedding gate looks at the first 12 channels
 VE_GATE_SCALE = 3.0    # gate = 3 * sigmoid(.): (0, 3), so a layer can lean on its value embedding
 QK_SCALE = 1.2         # after QK RMS-norm: logits up to 1.44x sharper than unit-norm q, k allow
 ROTARY_BASE = 100_000
+SMEAR_CHANNELS = 24    # the smear gate looks at the first 24 channels of the current token's embedding
 
 
 @dataclass
@@ -111,20 +116,52 @@ def _sliding_mask(Tq: int, Tk: int, window: int | None, device: torch.device) ->
     return m
 
 
-def attention(q, k, v, window: int | None):
+def attention(q, k, v, window: int | None, impl: str = "auto"):
     """q: (B, H, Tq, D), k/v: (B, Hkv, Tk, D), Tk >= Tq; the queries are the last Tq of the Tk positions.
-    SDPA picks the kernel: flash (CUDA) / the CPU flash kernel for the causal case, a masked kernel for
-    sliding windows and for chunks decoded on top of a cache."""
+
+    impl "auto": full-context layers go to SDPA (flash on CUDA, the CPU flash kernel for the causal case);
+    sliding windows go to FlexAttention on CUDA (block-sparse: blocks outside the window are skipped,
+    where SDPA with a dense mask falls back to a kernel that computes them all) and to masked SDPA on the
+    CPU. "sdpa" / "flex" force one path (the tests compare them on CPU, where flex runs eagerly)."""
     Tq, Tk = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
     if window is not None and Tk <= window:
         window = None  # the window cannot bind: nothing is further back than it
+    if impl not in ("auto", "sdpa", "flex"):
+        raise ValueError(f"attention impl={impl!r}; allowed: auto, sdpa, flex")
+    if impl == "flex" or (impl == "auto" and window is not None and q.is_cuda and Tq > 1):
+        return flex_attention(q, k, v, window)
     if window is None and Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if window is None and Tq == 1:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # one new token sees every key given
     return F.scaled_dot_product_attention(q, k, v, attn_mask=_sliding_mask(Tq, Tk, window, q.device),
                                           enable_gqa=gqa)
+
+
+@lru_cache(maxsize=32)
+def _block_mask(Tq: int, Tk: int, window: int | None, device: str):
+    """FlexAttention's block-sparse form of _sliding_mask (built once per shape: it costs a pass over
+    the blocks). Under torch.compile the cache lookup stays in Python; the mask is a constant input."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    offset = Tk - Tq
+
+    def causal_window(b, h, qi, ki):
+        keep = ki <= qi + offset
+        return keep & (ki > qi + offset - window) if window is not None else keep
+    return create_block_mask(causal_window, B=None, H=None, Q_LEN=Tq, KV_LEN=Tk, device=device)
+
+
+_FLEX = {}  # device type -> flex_attention (compiled on CUDA: eager flex materialises every score)
+
+
+def flex_attention(q, k, v, window: int | None):
+    """Causal (optionally windowed) attention through torch's FlexAttention, same layout as attention()."""
+    if q.device.type not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+        _FLEX[q.device.type] = torch.compile(flex, dynamic=False) if q.is_cuda else flex
+    mask = _block_mask(q.size(2), k.size(2), window, str(q.device))
+    return _FLEX[q.device.type](q, k, v, block_mask=mask, enable_gqa=q.size(1) != k.size(1))
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -142,9 +179,10 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.batch_size, self.max_seq_len, self.pos = batch_size, max_seq_len, 0
+        self.last_emb = None  # (B, 1, C) normed embedding of the last token written (for the smear)
 
     def reset(self):
-        self.pos = 0
+        self.pos, self.last_emb = 0, None
 
     def get_pos(self) -> int:
         return self.pos
@@ -174,6 +212,7 @@ class KVCache:
         self.k[:, :, :, :n].copy_(other.k[:, :, :, :n])  # broadcasts the single row over the batch
         self.v[:, :, :, :n].copy_(other.v[:, :, :, :n])
         self.pos = n
+        self.last_emb = None if other.last_emb is None else other.last_emb.expand(self.batch_size, -1, -1).clone()
 
 
 # ----------------------------------------------------------------------------- the model
@@ -246,6 +285,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_layer = config.n_layer // 2
         # rotary tables cover 10x the training context so inference can run longer; not saved in checkpoints
         self.rotary_len = config.sequence_len * 10
         cos, sin = self._rotary_tables(self.rotary_len)
@@ -280,6 +323,9 @@ class GPT(nn.Module):
         depth = torch.arange(L, dtype=torch.float32, device=self.resid_lambdas.device) / max(L - 1, 1)
         self.resid_lambdas.copy_(1.15 - 0.10 * depth)  # early layers keep more of the residual stream,
         self.x0_lambdas.copy_(0.20 - 0.15 * depth)     # and mix in more of the embedding
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        self.smear_lambda.fill_(0.0)
+        self.backout_lambda.fill_(0.2)
         cos, sin = self._rotary_tables(self.rotary_len, device=self.wte.weight.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
@@ -321,7 +367,10 @@ class GPT(nn.Module):
         return [p for b in self.blocks for p in b.parameters()]  # all 2-D, the value-embedding gates included
 
     def _scalar_params(self):
-        return [self.resid_lambdas, self.x0_lambdas]
+        return [self.resid_lambdas, self.x0_lambdas] + self._smear_params()
+
+    def _smear_params(self):
+        return [self.smear_gate.weight, self.smear_lambda, self.backout_lambda]
 
     def setup_optimizers(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, scalar_lr=0.5,
                          weight_decay=0.0):
@@ -345,6 +394,7 @@ class GPT(nn.Module):
             dict(params=[self.resid_lambdas], lr=scalar_lr * 0.01, betas=(0.8, 0.95), weight_decay=0.05,
                  name="resid_lambdas"),
             dict(params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95), weight_decay=0.0, name="x0_lambdas"),
+            dict(params=self._smear_params(), lr=0.2, betas=(0.8, 0.95), weight_decay=0.0, name="smear_backout"),
         ]
         adam_groups = [g for g in adam_groups if g["params"]]
         adamw = AdamW(adam_groups, eps=1e-10)
@@ -360,6 +410,15 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    def smear(self, x, prev=None):
+        """x (B, T, C) normed embeddings; prev (B, 1, C): the one before x[:, 0] (None: x starts the text)."""
+        shifted = x[:, :-1] if prev is None else torch.cat([prev.to(x.dtype), x[:, :-1]], 1)
+        if shifted.size(1) == 0:
+            return x
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, -shifted.size(1):, :SMEAR_CHANNELS]))
+        head = x[:, :x.size(1) - shifted.size(1)]  # the first token of a text has nothing to smear in
+        return torch.cat([head, x[:, -shifted.size(1):] + gate * shifted], 1)
+
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_reduction="mean"):
         B, T = idx.shape
         device = idx.device
@@ -372,12 +431,18 @@ class GPT(nn.Module):
         dtype = self.resolve_compute_dtype(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             x = norm(self.wte(idx))
+            prev = kv_cache.last_emb if kv_cache is not None else None
+            if kv_cache is not None:
+                kv_cache.last_emb = x[:, -1:]
+            x = self.smear(x, prev)
             x0 = x
             for i, block in enumerate(self.blocks):
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
                 ve = self.value_embeds[str(i)](idx) if block.attn.ve_gate is not None else None
                 x = block(x, ve, cos, sin, self.windows[i], kv_cache)
-            x = norm(x)
+                if i == self.backout_layer:
+                    x_mid = x
+            x = norm(x - self.backout_lambda * x_mid)
             if kv_cache is not None:
                 kv_cache.advance(T)
             softcap = self.config.softcap

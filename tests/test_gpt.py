@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, VE_GATE_CHANNELS, GPTConfig, KVCache, SoftcapCrossEntropy
+from nanochat.gpt import (GPT, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig, KVCache, SoftcapCrossEntropy, _sliding_mask,
+                          attention)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -147,6 +148,51 @@ def test_cached_decode_matches_full_forward(n_kv_head, pattern):
     assert torch.allclose(full, chunks, atol=1e-4), (full - chunks).abs().max()
 
 
+def masked_reference(q, k, v, window):
+    """Attention written out: scores, the causal/window mask, softmax, values (GQA by repeating kv heads)."""
+    rep = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = (q @ k.mT) / math.sqrt(q.size(-1))
+    scores = scores.masked_fill(~_sliding_mask(q.size(2), k.size(2), window, q.device), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("window,Tq,Tk", [(None, 12, 12), (3, 12, 12), (6, 1, 12), (3, 4, 12), (None, 4, 12)])
+def test_every_attention_path_equals_the_masked_reference(window, Tq, Tk):
+    """Training/prefill (Tq = Tk), one decode step and a chunk on top of a KV cache (Tq < Tk), GQA.
+    FlexAttention has no backward on CPU: its gradients are checked on the GPU by bench/gpu.py."""
+    gen = torch.Generator().manual_seed(Tq * 100 + Tk + (window or 0))
+    q = torch.randn(2, 4, Tq, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, Tk, 16, generator=gen, dtype=torch.float64, requires_grad=True)  # 2 kv heads
+    v = torch.randn(2, 2, Tk, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 4, Tq, 16, generator=gen, dtype=torch.float64)
+    want = masked_reference(q, k, v, window)
+    grads_want = torch.autograd.grad(want, (q, k, v), dy)
+    for impl in ("auto", "sdpa"):
+        got = attention(q, k, v, window, impl=impl)
+        assert torch.allclose(got, want, atol=1e-10), impl
+        for a, b in zip(torch.autograd.grad(got, (q, k, v), dy), grads_want):
+            assert torch.allclose(a, b, atol=1e-10), impl
+    assert torch.allclose(attention(q.detach(), k.detach(), v.detach(), window, impl="flex"), want, atol=1e-10)
+
+
+def test_flex_block_mask_is_the_sliding_mask():
+    from nanochat.gpt import _block_mask
+    for Tq, Tk, window in [(300, 300, 128), (5, 300, 100), (300, 300, None)]:
+        bm = _block_mask(Tq, Tk, window, "cpu")
+        qi, ki = torch.arange(Tq)[:, None], torch.arange(Tk)[None, :]
+        assert torch.equal(bm.mask_mod(0, 0, qi, ki), _sliding_mask(Tq, Tk, window, torch.device("cpu")))
+        full_blocks = (Tk + 127) // 128
+        if window is not None and Tq == Tk:  # block-sparse: the last query block skips the first key block
+            assert bm.to_dense()[0, 0, -1].sum() < full_blocks
+
+
+def test_attention_rejects_an_unknown_impl():
+    q = torch.zeros(1, 1, 2, 4)
+    with pytest.raises(ValueError, match="allowed: auto, sdpa, flex"):
+        attention(q, q, q, None, impl="fa9")
+
+
 def test_sliding_window_really_limits_attention():
     from nanochat.gpt import attention
     torch.manual_seed(0)
@@ -213,18 +259,18 @@ def test_param_groups_counts_and_optimizer_groups():
     assert g["wte"] == V * C and g["lm_head"] == V * C
     assert g["value_embeds"] == 2 * V * kv  # layers 1 and 3 (every other layer, last included)
     assert g["matrices"] == cfg.n_layer * (2 * C * C + 2 * C * kv + 8 * C * C) + 2 * VE_GATE_CHANNELS * cfg.n_kv_head  # + gates
-    assert g["scalars"] == 2 * cfg.n_layer
+    assert g["scalars"] == 2 * cfg.n_layer + SMEAR_CHANNELS + 2  # lambdas, smear gate, smear and backout lambdas
     assert g["total"] == sum(p.numel() for p in model.parameters())
     adamw, muon = model.setup_optimizers(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5)
     names = [grp["name"] for grp in adamw.param_groups]
-    assert names == ["lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas"]
+    assert names == ["lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas", "smear_backout"]
     scale = (C / 768) ** -0.5
     assert adamw.param_groups[0]["lr"] == pytest.approx(0.004 * scale)
     assert adamw.param_groups[1]["lr"] == pytest.approx(0.2 * scale)
     assert adamw.param_groups[2]["lr"] == pytest.approx(0.1 * scale)  # value embeddings: half
     assert adamw.param_groups[3]["lr"] == pytest.approx(0.005) and adamw.param_groups[4]["lr"] == 0.5
     assert [grp["betas"] for grp in adamw.param_groups] == [(0.8, 0.96), (0.8, 0.995), (0.8, 0.995), (0.8, 0.95),
-                                                            (0.96, 0.95)]
+                                                            (0.96, 0.95), (0.8, 0.95)]
     assert all(p.ndim == 2 for grp in muon.param_groups for p in grp["params"])
     assert sum(len(grp["params"]) for grp in muon.param_groups) == 6 * cfg.n_layer + 2  # + 2 value-embedding gates
     assert {len({tuple(p.shape) for p in grp["params"]}) for grp in muon.param_groups} == {1}  # one shape each
