@@ -85,6 +85,8 @@ def stage_main(name: str, main: Callable[[StageContext], dict | None],
             load_config(profile=args.profile or "demo", overrides=args.overrides)
     except ConfigError as e:
         die(str(e))
+    from nanochat import sandbox
+    sandbox.configure(cfg.get("sandbox.allow_reduced_isolation"))  # the run's own opt-in, profiles and --set included
     dist = compute_init(cfg["run"]["device"], seed=cfg["run"]["seed"])
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.master and not saved.exists():
