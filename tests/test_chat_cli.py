@@ -48,7 +48,8 @@ def expected_reply(run, phase, prompt, max_tokens):
     model, tok, _ = load_model(run, phase, device="cpu")
     events = Engine(model, tok).stream_chat({"messages": [{"role": "user", "content": prompt}]},
                                             max_tokens=max_tokens, temperature=0.0)
-    return "".join(e["text"] for e in events if e["type"] == "text")
+    from nanochat.common import strip_controls
+    return strip_controls("".join(e["text"] for e in events if e["type"] == "text"))  # the CLI shows it stripped
 
 
 def test_prompt_answers_on_stdout(chat_run, tmp_path):
