@@ -13,6 +13,9 @@ from nanochat.sandbox import SandboxUnavailable, calculator, run_code
 
 
 def no_leftover_children():
+    from nanochat import sandbox
+    sandbox._calc_worker.kill()  # the shared calculator worker an earlier test may have started is not a leftover
+    time.sleep(0.2)
     return [p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
