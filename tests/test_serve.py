@@ -191,6 +191,7 @@ def test_events_log_requests_without_message_bodies(served):
     assert info["url"] == url and info["api_key"] is True and "sekrit" not in json.dumps(info)
 
 
+@pytest.mark.slow
 def test_restart_keeps_nothing_half_written(tmp_path, tiny_tokenizer_dir):
     """Killed (SIGKILL) mid-stream, then started again: the events file holds only whole lines, server.json
     is the new server's, and the new server answers; a SIGTERM'd server finishes with an `end` event and
