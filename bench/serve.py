@@ -32,16 +32,13 @@ import torch  # noqa: E402
 from nanochat.engine import SPECIALS, Engine  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
 
-ROLE_TOKENS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>")
-
-
 class BenchTokenizer:
     """A stand-in for a random model: text is bytes, every other id decodes to one letter (so replies
     stream as text), and the special tokens sit past the vocabulary, where nothing samples them."""
 
     def __init__(self, vocab_size):
         self.vocab_size = vocab_size
-        self.special = {name: vocab_size + i for i, name in enumerate(SPECIALS + ROLE_TOKENS)}
+        self.special = {name: vocab_size + i for i, name in enumerate(SPECIALS)}
 
     def get_vocab_size(self):
         return self.vocab_size
@@ -56,10 +53,9 @@ class BenchTokenizer:
         return "".join(chr(97 + i % 26) for i in ids if i < self.vocab_size)
 
     def render_for_completion(self, conv):
-        ids = [self.special["<|bos|>"]]
-        for m in conv["messages"]:
-            ids += [self.special["<|user_start|>"], *self.encode(str(m["content"])), self.special["<|user_end|>"]]
-        return ids + [self.special["<|assistant_start|>"]]
+        """Just the bytes of the messages: a random model needs no chat markup, and a prompt must stay
+        inside the vocabulary."""
+        return [b for m in conv["messages"] for b in self.encode(str(m["content"]))]
 
 
 def bench_model(a) -> GPT:
@@ -81,6 +77,7 @@ def serve_child(a):
     server = Server([Scheduler(model, BenchTokenizer(a.vocab), max_batch=a.max_batch)], "bench")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
+    sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
     print(f"http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
     uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", access_log=False)).run(sockets=[sock])
 

@@ -9,5 +9,6 @@ def all_screen_classes():
     from .logs import LogsScreen
     from .report import ReportScreen
     from .runs import NewRunScreen, RunsScreen
+    from .serve import ServeScreen
     return [RunsScreen, NewRunScreen, DashboardScreen, LogsScreen, CompareScreen, ChatScreen, ReportScreen,
-            HelpScreen, AlertsScreen, MenuScreen]
+            HelpScreen, AlertsScreen, MenuScreen, ServeScreen]
