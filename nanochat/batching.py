@@ -92,6 +92,7 @@ class Row:
         self.forced = deque()    # tool output to feed before sampling again
         self.code = None         # token ids while inside <|python_start|> ... <|python_end|>
         self.tool = None         # Future of a running calculator call
+        self.next = None         # a token already chosen for the next step (the first one, at admission)
         self.decoder = None
         self.cancelled = False
         self.submitted = time.time()
@@ -184,12 +185,14 @@ class Scheduler:
         row.length, row.logits, row.decoder = n, logits[0], stream_decoder(self.tokenizer)
         self.rows.append(row)
         self.stats["rows"] += 1
+        # sample the first token now, so it streams before the other rows joining with this one are prefilled
+        row.next = self._next_token(row)
 
     @torch.inference_mode()
     def _step(self):
         feed = {}  # row -> its input token; None while it waits on its tool (a placeholder rides along)
         for row in list(self.rows):
-            token = self._next_token(row)
+            token, row.next = (row.next, None) if row.next is not None else (self._next_token(row), None)
             if row in self.rows:
                 feed[row] = token
         if not self.rows:

@@ -309,10 +309,16 @@ def create_app(server: Server, on_stop=None):
         queue: asyncio.Queue = asyncio.Queue()
         seed = req["seed"] if req["seed"] is not None else random.getrandbits(62)
         rows = []
-        for i in range(req["n"]):
-            emit = (lambda i: lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)))(i)
-            rows.append(worker.submit(ids, emit, max_tokens=req["max_tokens"], temperature=req["temperature"],
-                                      top_k=req["top_k"], top_p=req["top_p"], seed=(seed + i) % (1 << 63)))
+        try:
+            for i in range(req["n"]):
+                emit = (lambda i: lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)))(i)
+                rows.append(worker.submit(ids, emit, max_tokens=req["max_tokens"], temperature=req["temperature"],
+                                          top_k=req["top_k"], top_p=req["top_p"], seed=(seed + i) % (1 << 63)))
+        except ValueError as e:  # what the engine refuses to generate from (e.g. no room left in the context)
+            for r in rows:
+                worker.cancel(r)
+            server.served(400, {"reason": str(e)})
+            return fail(str(e).splitlines()[0], 400, "messages")
         reply = Reply(server, worker, rows, queue, req, len(ids), notice, t0)
         if req["stream"]:
             return StreamingResponse(reply.sse(), media_type="text/event-stream",
@@ -528,6 +534,7 @@ def main(argv: list[str]) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((a.host, a.port))
+        sock.listen(128)  # early clients wait in the backlog instead of being refused
     except OSError as e:
         die(f"cannot listen on {a.host}:{a.port}: {e.strerror} (pick another with --port, 0 = any free one)")
     workers, name, run_dir = load_workers(a)

@@ -191,6 +191,7 @@ def test_events_log_requests_without_message_bodies(served):
     assert info["url"] == url and info["api_key"] is True and "sekrit" not in json.dumps(info)
 
 
+@pytest.mark.slow
 def test_restart_keeps_nothing_half_written(tmp_path, tiny_tokenizer_dir):
     """Killed (SIGKILL) mid-stream, then started again: the events file holds only whole lines, server.json
     is the new server's, and the new server answers; a SIGTERM'd server finishes with an `end` event and
@@ -224,3 +225,17 @@ def test_restart_keeps_nothing_half_written(tmp_path, tiny_tokenizer_dir):
     assert [e["kind"] for e in evs].count("start") == 2 and evs[-1]["kind"] == "end" and evs[-1]["ok"] == 1
     assert not (run_dir / "serve" / "server.json").exists()
     assert not list((run_dir / "serve").glob(".*tmp*"))
+
+
+def test_command_line_errors_are_one_line(served, tmp_path):
+    import subprocess
+    import sys
+    run_dir, url, _ = served
+    assert url.startswith("http://127.0.0.1:")  # binds this machine only unless --host says otherwise
+    for args, says in ((["--gpus", "2", "--device", "cpu"], "--gpus 2 needs 2 CUDA devices"),
+                       (["--port", "70000"], "--port 70000 must be in 0..65535"),
+                       (["--stage", "rl"], "has no rl checkpoints")):
+        p = subprocess.run([sys.executable, "-m", "nanochat.cli", "serve", "--run", str(run_dir), "--port", "0", *args],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and says in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr

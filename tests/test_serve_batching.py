@@ -159,3 +159,24 @@ def test_cancel_frees_the_slot_and_a_bad_row_is_refused(tok):
         assert collect(sched, tok.encode("x"), max_tokens=3, temperature=0.0)[-1]["type"] == "done"
     finally:
         sched.close()
+
+
+def test_a_failing_step_ends_its_rows_with_an_error_and_the_worker_goes_on(tok, monkeypatch):
+    import nanochat.batching as batching
+    real, calls = batching.decode_rows, {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated device error")
+        return real(*a, **k)
+    monkeypatch.setattr(batching, "decode_rows", flaky)
+    sched = Scheduler(tiny_gpt(), tok, max_batch=2)
+    try:
+        failed = collect(sched, tok.encode("abc"), max_tokens=10, temperature=0.0)
+        assert failed[-1] == {"type": "error", "message": "RuntimeError: simulated device error"}
+        ok = collect(sched, tok.encode("abc"), max_tokens=5, temperature=0.0)
+        assert ok[-1]["type"] == "done" and ok[-1]["tokens"] == 5
+        assert sched.thread.is_alive() and sched.stats["errors"] == 1 and not sched.rows
+    finally:
+        sched.close()

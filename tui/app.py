@@ -142,6 +142,14 @@ class NanochatApp(App):
         from .screens.compare import CompareScreen
         self.push_screen(CompareScreen())
 
+    def action_serve(self):
+        from .screens.serve import ServeScreen
+        rd = self.current_run()
+        if rd is None:
+            self.notify("select a run first", severity="warning")
+            return
+        self.push_screen(ServeScreen(rd))
+
     def action_report(self):
         rd = self.current_run()
         if rd is None:
@@ -189,6 +197,7 @@ class NanochatApp(App):
             yield SystemCommand(b.description, f"{key}  ·  {b.id or b.action}",
                                 lambda node=node, action=b.action: self.call_later(self.run_action, action, node))
         extra = [("Compare runs", "overlay the loss curves of several runs", self.action_compare),
+                 ("Serve", "web chat + OpenAI API for a checkpoint of the current run (nanochat serve)", self.action_serve),
                  ("Report preview", "show report.md of the current run", self.action_report),
                  ("Export report", "write report.md and copy it where you choose", self.action_export_report),
                  ("Alerts", "all alerts raised in this session", self.action_alerts),

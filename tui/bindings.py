@@ -15,6 +15,7 @@ APP_BINDINGS = [
     Binding("m", "menu", "Menu", id="app.menu"),
     Binding("exclamation_mark", "alerts", "Alerts", id="app.alerts"),
     Binding("f2", "next_theme", "Theme", id="app.theme", show=False),
+    Binding("f6", "serve", "Serve", id="app.serve", show=False),
     Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
 ]
 

@@ -10,5 +10,6 @@ def all_screen_classes():
     from .logs import LogsScreen
     from .report import ReportScreen
     from .runs import NewRunScreen, RunsScreen
+    from .serve import ServeScreen
     return [RunsScreen, NewRunScreen, DashboardScreen, LogsScreen, CompareScreen, ChatScreen, ReportScreen,
-            HelpScreen, AlertsScreen]
+            HelpScreen, AlertsScreen, ServeScreen]
