@@ -28,16 +28,17 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.engine import MAX_TOOL_OUTPUT_CHARS, Engine, sample_next, stream_decoder
-from nanochat.gpt import VE_GATE_CHANNELS, KVCache, apply_rotary, norm
+from nanochat.gpt import QK_SCALE, VE_GATE_CHANNELS, VE_GATE_SCALE, KVCache, apply_rotary, norm
 from nanochat.sandbox import calculator
 
 
 # ----------------------------------------------------------------------------- the batched forward
 
-def decode_rows(model, cache: KVCache, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def decode_rows(model, cache: KVCache, ids: torch.Tensor, pos: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """GPT.forward for one new token per row when every row sits at its own position.
 
     ids, pos: (B,) long; row b of `cache` (slots 0..B-1) holds that row's keys/values at [0, pos[b]).
+    prev: (B,) long, each row's token at pos[b] - 1 (the smear mixes in its embedding; pos[b] >= 1).
     Writes each row's new keys/values at column pos[b] and returns logits (B, V) in fp32. The cache's
     own `pos` is not used. Same math as nanochat.gpt (tests/test_serve_batching.py checks they agree)."""
     B = ids.size(0)
@@ -48,7 +49,7 @@ def decode_rows(model, cache: KVCache, ids: torch.Tensor, pos: torch.Tensor) -> 
     rows = torch.arange(B, device=ids.device)
     dtype = model.resolve_compute_dtype(ids.device)
     with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        x = norm(model.wte(ids))[:, None]  # (B, 1, C)
+        x = model.smear(norm(model.wte(ids))[:, None], norm(model.wte(prev))[:, None])  # (B, 1, C)
         x0 = x
         for i, block in enumerate(model.blocks):
             attn = block.attn
@@ -58,9 +59,9 @@ def decode_rows(model, cache: KVCache, ids: torch.Tensor, pos: torch.Tensor) -> 
             k = attn.c_k(h).view(B, 1, attn.n_kv_head, attn.head_dim)
             v = attn.c_v(h).view(B, 1, attn.n_kv_head, attn.head_dim)
             if attn.ve_gate is not None:
-                gate = 2 * torch.sigmoid(attn.ve_gate(h[..., :VE_GATE_CHANNELS]))
+                gate = VE_GATE_SCALE * torch.sigmoid(attn.ve_gate(h[..., :VE_GATE_CHANNELS]))
                 v = v + gate.unsqueeze(-1) * model.value_embeds[str(i)](ids)[:, None].view_as(v)
-            q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
+            q, k = apply_rotary(norm(q) * QK_SCALE, cos, sin), apply_rotary(norm(k) * QK_SCALE, cos, sin)
             cache.k[i, rows, :, pos] = k[:, 0].to(cache.k.dtype)
             cache.v[i, rows, :, pos] = v[:, 0].to(cache.v.dtype)
             mask = seen
@@ -72,7 +73,9 @@ def decode_rows(model, cache: KVCache, ids: torch.Tensor, pos: torch.Tensor) -> 
                                                enable_gqa=attn.n_head != attn.n_kv_head)  # (B, H, 1, D)
             x = x + attn.c_proj(y.transpose(1, 2).reshape(B, 1, -1))
             x = x + block.mlp(norm(x))
-        logits = model.lm_head(norm(x)[:, 0]).float()
+            if i == model.backout_layer:
+                x_mid = x
+        logits = model.lm_head(norm(x - model.backout_lambda * x_mid)[:, 0]).float()
     return cfg.softcap * torch.tanh(logits / cfg.softcap)
 
 
@@ -93,6 +96,7 @@ class Row:
         self.code = None         # token ids while inside <|python_start|> ... <|python_end|>
         self.tool = None         # Future of a running calculator call
         self.next = None         # a token already chosen for the next step (the first one, at admission)
+        self.last = None         # the token at position length - 1 (the smear's previous token)
         self.decoder = None
         self.cancelled = False
         self.submitted = time.time()
@@ -183,6 +187,7 @@ class Scheduler:
         self.cache.k[:, slot, :, :n].copy_(small.k[:, 0, :, :n])
         self.cache.v[:, slot, :, :n].copy_(small.v[:, 0, :, :n])
         row.length, row.logits, row.decoder = n, logits[0], stream_decoder(self.tokenizer)
+        row.last = row.ids[-1]
         self.rows.append(row)
         self.stats["rows"] += 1
         # sample the first token now, so it streams before the other rows joining with this one are prefilled
@@ -200,12 +205,14 @@ class Scheduler:
         ids = torch.tensor([self.placeholder if feed[r] is None else feed[r] for r in self.rows],
                            dtype=torch.long, device=self.device)
         pos = torch.tensor([r.length for r in self.rows], dtype=torch.long, device=self.device)
-        logits = decode_rows(self.model, self.cache, ids, pos)
+        prev = torch.tensor([r.last for r in self.rows], dtype=torch.long, device=self.device)
+        logits = decode_rows(self.model, self.cache, ids, pos, prev)
         self.stats["steps"] += 1
         self.stats["row_steps"] += len(self.rows)
         for i, row in enumerate(self.rows):
             if feed[row] is not None:
                 row.length += 1
+                row.last = feed[row]
                 row.logits = logits[i]
 
     def _next_token(self, row: Row) -> int | None:

@@ -53,6 +53,7 @@ def tiny_gpt(seq_len=64, vocab=265, seed=0):
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 1.0 if "wte" in name or "value_embeds" in name else 0.15)
+        model.smear_lambda.fill_(0.5)  # 0 at init would leave the smear's previous-token path untested
     return model.eval()
 
 
@@ -96,10 +97,11 @@ def test_fast_decode_step_matches_the_model(model, tok):
     with torch.inference_mode():
         cache = KVCache(1, 2, 12, 16, 3)
         engine._prefill(ids[:1, :10], cache)
+        emb9 = cache.last_emb  # the smear's previous token: rewinding the cache to 10 rewinds it too
         engine._decode_setup(10, 12)
         torch.testing.assert_close(engine._decode_step(ids[:1, 10:11], cache), full[:1, 10], atol=1e-4, rtol=1e-4)
         model.lm_head.weight.mul_(2)
-        cache.pos = 10
+        cache.pos, cache.last_emb = 10, emb9
         engine._decode_setup(10, 12)
         new = engine._decode_step(ids[:1, 10:11], cache)
         cache.pos = 10

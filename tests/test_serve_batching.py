@@ -17,7 +17,6 @@ def tok():
     return ByteTokenizer()
 
 
-@pytest.mark.xfail(strict=True, reason="batching.py's decode step predates the recipe's smear/backout; to be mirrored (issue 15 note)")
 def test_decode_rows_matches_full_forward_at_per_row_positions():
     """Rows of different lengths (one past the sliding window of 32) in one step; the slot columns a row
     has not written hold another row's leftovers, which it must not see."""
@@ -35,7 +34,7 @@ def test_decode_rows_matches_full_forward_at_per_row_positions():
             cache.k[:, b, :, :len(s) - 1] = small.k[:, 0, :, :len(s) - 1]
             cache.v[:, b, :, :len(s) - 1] = small.v[:, 0, :, :len(s) - 1]
         got = decode_rows(model, cache, torch.stack([s[-1] for s in seqs]),
-                          torch.tensor([len(s) - 1 for s in seqs]))
+                          torch.tensor([len(s) - 1 for s in seqs]), torch.stack([s[-2] for s in seqs]))
         for b, s in enumerate(seqs):
             want = model(s[None])[0, -1]
             torch.testing.assert_close(got[b], want, atol=2e-4, rtol=1e-4)
@@ -56,7 +55,6 @@ def text_of(events):
     return "".join(e["text"] for e in events if e["type"] == "text")
 
 
-@pytest.mark.xfail(strict=True, reason="batching.py's decode step predates the recipe's smear/backout; to be mirrored (issue 15 note)")
 def test_concurrent_rows_decode_what_they_decode_alone(tok):
     """Greedy rows of different prompt lengths joining a running batch at different moments produce
     exactly what Engine produces for each alone, and each stops at its own max_tokens."""
@@ -90,7 +88,6 @@ def test_concurrent_rows_decode_what_they_decode_alone(tok):
         sched.close()
 
 
-@pytest.mark.xfail(strict=True, reason="batching.py's decode step predates the recipe's smear/backout; to be mirrored (issue 15 note)")
 def test_seeds_and_sampling_settings_are_per_row(tok):
     model = tiny_gpt()
     sched = Scheduler(model, tok, max_batch=4)
