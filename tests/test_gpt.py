@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, KVCache, SoftcapCrossEntropy
+from nanochat.cpu_kernels import SoftcapCrossEntropy
+from nanochat.gpt import GPT, GPTConfig, KVCache
 
 
 @pytest.fixture(autouse=True, scope="module")
