@@ -27,9 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from nanochat.engine import MAX_TOOL_OUTPUT_CHARS, Engine, sample_next, stream_decoder
+from nanochat.cpu_kernels import last_logits
+from nanochat.engine import MAX_TOOL_OUTPUT_CHARS, Engine, sample_next
 from nanochat.gpt import QK_SCALE, VE_GATE_CHANNELS, VE_GATE_SCALE, KVCache, apply_rotary, norm
 from nanochat.sandbox import calculator
+from nanochat.tokenizer import StreamDecoder
 
 
 # ----------------------------------------------------------------------------- the batched forward
@@ -179,14 +181,14 @@ class Scheduler:
             return self._finish(row, reason="cancelled")
         try:
             small = self.engine._cache(1, len(row.ids))
-            logits = self.engine._prefill(torch.tensor([row.ids], dtype=torch.long, device=self.device), small)
+            logits = last_logits(self.model, torch.tensor([row.ids], dtype=torch.long, device=self.device), small)
         except Exception as e:  # noqa: BLE001
             self.stats["errors"] += 1
             return self._finish(row, error=f"{type(e).__name__}: {e}")
         slot, n = len(self.rows), len(row.ids)
         self.cache.k[:, slot, :, :n].copy_(small.k[:, 0, :, :n])
         self.cache.v[:, slot, :, :n].copy_(small.v[:, 0, :, :n])
-        row.length, row.logits, row.decoder = n, logits[0], stream_decoder(self.tokenizer)
+        row.length, row.logits, row.decoder = n, logits[0], StreamDecoder(self.tokenizer)
         row.last = row.ids[-1]
         self.rows.append(row)
         self.stats["rows"] += 1

@@ -19,13 +19,16 @@ not choose these tokens, so RL and SFT must not train on them).
 """
 from __future__ import annotations
 
+import warnings
 from collections import deque
 
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, QK_SCALE, VE_GATE_CHANNELS, VE_GATE_SCALE, KVCache, norm
+from nanochat.cpu_kernels import CudaGraphStep, DecodeStep, last_logits
+from nanochat.gpt import GPT, KVCache
 from nanochat.sandbox import calculator, isolation
+from nanochat.tokenizer import StreamDecoder
 
 SPECIALS = ("<|bos|>", "<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>",
             "<|output_end|>")
@@ -58,39 +61,6 @@ def sample_next(logits: torch.Tensor, rng: torch.Generator | None, temperature: 
     return choice if idx is None else idx.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
 
 
-# ----------------------------------------------------------------------------- text streaming
-
-class _PendingDecoder:
-    """UTF-8-safe incremental decoding for tokenizers without a StreamDecoder: hold tokens back while
-    their text ends in an incomplete character (decode shows it as U+FFFD)."""
-
-    def __init__(self, tokenizer):
-        self.tok, self.pending = tokenizer, []
-
-    def push(self, token_id: int) -> str:
-        self.pending.append(token_id)
-        text = self.tok.decode(self.pending)
-        if text.endswith("\ufffd") and len(self.pending) < 4:  # a UTF-8 character spans at most 4 bytes
-            return ""
-        self.pending = []
-        return text
-
-    def flush(self) -> str:
-        text = self.tok.decode(self.pending) if self.pending else ""
-        self.pending = []
-        return text
-
-
-def stream_decoder(tokenizer):
-    try:
-        from nanochat.tokenizer import StreamDecoder, Tokenizer
-        if isinstance(tokenizer, Tokenizer):
-            return StreamDecoder(tokenizer)
-    except ImportError:
-        pass
-    return _PendingDecoder(tokenizer)
-
-
 # ----------------------------------------------------------------------------- the engine
 
 class _Row:
@@ -120,90 +90,24 @@ class Engine:
         self.output_start, self.output_end = ids["<|output_start|>"], ids["<|output_end|>"]
         self.specials = set(ids.values())
         self.vocab_size = tokenizer.get_vocab_size()
-        # the hand-written one-token step is fp32 eager code: used for a plain GPT computing in fp32 (CPU)
-        self.fast_decode = type(model) is GPT and self.cache_dtype == torch.float32
-        self._head_t = None  # (lm_head weight transposed,), refreshed per generation
+        # a plain GPT decodes through the hand-written one-token step (nanochat/cpu_kernels.py): eager in fp32 on
+        # the CPU, captured in a CUDA graph on CUDA; `decode = "forward"` falls back to GPT.forward
+        self.decode = ("graph" if self.device.type == "cuda" else "fast") if type(model) is GPT else "forward"
+        self._fast = DecodeStep(model)
 
     # ------------------------------------------------------------------ the forward passes
 
-    def _prefill(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (1, V) of the last prompt position. Only that position goes through lm_head: the other
-        positions' logits (T x V, the biggest tensor of a small model) would be thrown away."""
-        head = getattr(self.model, "lm_head", None)
-        hook = head.register_forward_pre_hook(lambda mod, args: (args[0][:, -1:],)) if head is not None else None
-        try:
-            return self.model(ids, kv_cache=cache)[:, -1, :]
-        finally:
-            if hook is not None:
-                hook.remove()
-
-    def _decode_setup(self, start: int, end: int):
-        """Per-generation constants of _decode_step: the mixing scalars (read now, since training may
-        change them between generations) and rotary factors for positions [start, end)."""
-        m = self.model
-        d = m.config.head_dim // 2
-        cos, sin = m.cos[0, start:end, 0], m.sin[0, start:end, 0]  # (n, d)
-        self._rot = (torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1), start)
-        self._lambdas = list(zip(m.resid_lambdas.tolist(), m.x0_lambdas.tolist()))
-        self._half = d
-        # refreshed every generation: optimizers update weights in ways that do not always bump
-        # `_version` (e.g. through `.data`), and one copy per generation is cheap next to its decode steps
-        w = m.lm_head.weight.detach()
-        if self._head_t is None or self._head_t[0].shape != w.t().shape:
-            self._head_t = (w.t().contiguous(),)
-        else:
-            self._head_t[0].copy_(w.t())
-
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """lm_head for a few rows. The (V, C) @ (C, B) product is memory-bound (the whole V x C matrix is
-        read per step), and which layout the BLAS streams fastest depends on B: measured on the 2-core
-        AMD EPYC (docs/performance.md), x @ W^T from a transposed copy is 2x faster at B=1, and W @ x^T
-        1.4-3x faster at B=2..8."""
-        if h.size(0) == 1:
-            return torch.mm(h, self._head_t[0])
-        if h.size(0) <= 8:
-            return torch.mm(self.model.lm_head.weight, h.t()).t().contiguous()
-        return self.model.lm_head(h)
-
-    def _decode_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """GPT.forward for one new token per row, ids (B, 1) -> logits (B, V), in about half the tensor ops:
-        T=1 needs no masks or transposes, rotary is x*C + roll(x)*S, and the keys/values are written
-        straight into the cache. Same math as nanochat.gpt; tests/test_engine.py checks they agree."""
-        m, pos, B = self.model, cache.pos, ids.size(0)
-        C, S, start = self._rot
-        C, S = C[pos - start], S[pos - start]
-        half = self._half
-        x = norm(m.wte(ids))  # (B, 1, C)
-        prev, cache.last_emb = cache.last_emb, x
-        x = m.smear(x, prev)
-        x0 = x
-        for i, block in enumerate(m.blocks):
-            attn, (lr, l0) = block.attn, self._lambdas[i]
-            x = torch.add(x * lr, x0, alpha=l0)
-            h = norm(x)
-            q = attn.c_q(h).view(B, attn.n_head, attn.head_dim)
-            k = attn.c_k(h).view(B, attn.n_kv_head, attn.head_dim)
-            v = attn.c_v(h).view(B, attn.n_kv_head, attn.head_dim)
-            if attn.ve_gate is not None:
-                gate = torch.sigmoid(attn.ve_gate(h[..., :VE_GATE_CHANNELS])).mul_(VE_GATE_SCALE).view(B, attn.n_kv_head, 1)
-                v = torch.addcmul(v, gate, m.value_embeds[str(i)](ids).view_as(v))
-            q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
-            q = torch.addcmul(q * C, q.roll(half, -1), S)
-            k = torch.addcmul(k * C, k.roll(half, -1), S)
-            cache.k[i, :, :, pos].copy_(k)
-            cache.v[i, :, :, pos].copy_(v)
-            window = m.windows[i]
-            lo = pos + 1 - window if window is not None and pos + 1 > window else 0
-            y = F.scaled_dot_product_attention(q.unsqueeze(2), cache.k[i, :, :, lo:pos + 1],
-                                               cache.v[i, :, :, lo:pos + 1],
-                                               enable_gqa=attn.n_head != attn.n_kv_head)  # (B, H, 1, D)
-            x = x + attn.c_proj(y.view(B, 1, -1))
-            x = x + block.mlp.c_proj(F.relu(block.mlp.c_fc(norm(x))).square_())
-            if i == m.backout_layer:
-                x_mid = x
-        cache.advance(1)
-        cap = m.config.softcap
-        return self._head(norm(x - m.backout_lambda * x_mid)[:, 0]).div_(cap).tanh_().mul_(cap)
+    def _decoder(self, pos: int, end: int, batch: int, cache: KVCache):
+        """The one-token step for positions [pos, end): ids (B, 1), cache -> logits (B, V)."""
+        if self.decode == "graph":
+            try:
+                return CudaGraphStep(self.model, self.cache_dtype).start(pos, end, batch, cache)
+            except RuntimeError as e:  # e.g. an op that cannot be captured: decode eagerly from now on
+                warnings.warn(f"CUDA graph capture of the decode step failed ({e}); decoding through GPT.forward")
+                self.decode = "forward"
+        if self.decode == "fast" and self.cache_dtype == torch.float32:
+            return self._fast.start(pos, end)
+        return lambda ids, c: self.model(ids, kv_cache=c)[:, -1, :]
 
     def _cache(self, batch_size: int, max_len: int) -> KVCache:
         kv_heads, head_dim, layers = self.cache_shape
@@ -248,14 +152,12 @@ class Engine:
         rng.manual_seed(seed)
 
         prompt_cache = self._cache(1, len(tokens))
-        logits = self._prefill(torch.tensor([tokens], dtype=torch.long, device=self.device), prompt_cache)
+        logits = last_logits(self.model, torch.tensor([tokens], dtype=torch.long, device=self.device), prompt_cache)
         cache = self._cache(num_samples, len(tokens) + budget)
         cache.prefill(prompt_cache)
         del prompt_cache
         logits = logits.expand(num_samples, -1)
-        step_fn = (lambda x, c: self.model(x, kv_cache=c)[:, -1, :]) if not self.fast_decode else self._decode_step
-        if self.fast_decode:
-            self._decode_setup(len(tokens), len(tokens) + budget)
+        step_fn = self._decoder(len(tokens), len(tokens) + budget, num_samples, cache)
         rows = [_Row() for _ in range(num_samples)]
         for step in range(budget):
             sampled = sample_next(logits, rng, temperature, top_k, top_p)
@@ -346,7 +248,7 @@ class Engine:
             yield {"type": "notice", "text": notice}
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        decoder = stream_decoder(self.tokenizer)
+        decoder = StreamDecoder(self.tokenizer)
         n, row, in_code, code = 0, None, False, []
         for column, masks, rows in self._run(ids, 1, max_tokens, temperature, top_k, top_p, seed):
             t, row = column[0], rows[0]
@@ -357,7 +259,7 @@ class Engine:
                 code.append(t)
             if t == self.python_start:
                 in_code, code = True, []
-                text = decoder.flush() if hasattr(decoder, "flush") else ""
+                text = decoder.flush()
                 if text:
                     yield {"type": "text", "text": text}
             elif t == self.python_end and in_code:
@@ -370,7 +272,7 @@ class Engine:
                 text = decoder.push(t)
                 if text:
                     yield {"type": "text", "text": text}
-        text = decoder.flush() if hasattr(decoder, "flush") else ""
+        text = decoder.flush()
         if text:
             yield {"type": "text", "text": text}
         if in_code:  # the reply ended inside a tool call: show what the model wrote, say it was not run

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import default_compute_dtype
+from nanochat.cpu_kernels import chunked_softcap_loss
 
 VE_GATE_CHANNELS = 12  # the value-embedding gate looks at the first 12 channels of the block input
 VE_GATE_SCALE = 3.0    # gate = 3 * sigmoid(.): (0, 3), so a layer can lean on its value embedding
@@ -218,6 +219,8 @@ class KVCache:
 # ----------------------------------------------------------------------------- the model
 
 class CausalSelfAttention(nn.Module):
+    qk_scale, ve_gate_scale = QK_SCALE, VE_GATE_SCALE  # read by nanochat/cpu_kernels.py's decode step
+
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -448,9 +451,8 @@ class GPT(nn.Module):
             softcap = self.config.softcap
             if targets is not None:
                 chunked = self.chunked_loss if self.chunked_loss is not None else device.type == "cpu"
-                if chunked and loss_reduction != "none":
-                    return chunked_softcap_loss(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                                softcap, loss_reduction, self.loss_chunk_rows)
+                if chunked and loss_reduction != "none":  # the CPU loss kernel (nanochat/cpu_kernels.py)
+                    return chunked_softcap_loss(x, self.lm_head.weight, targets, softcap, loss_reduction, self.loss_chunk_rows)
                 logits = self.lm_head(x).float()
                 logits = softcap * torch.tanh(logits / softcap)
                 loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=-1,
@@ -473,100 +475,3 @@ def build_model(model_config: dict, device) -> "GPT":
 @lru_cache(maxsize=8)
 def _default_dtype(device_type: str) -> torch.dtype:
     return default_compute_dtype(device_type)
-
-
-@torch.compiler.disable  # eager even inside a compiled model: a Python loop over chunks with reused buffers
-def chunked_softcap_loss(h, weight, targets, softcap, reduction, chunk_rows):
-    return SoftcapCrossEntropy.apply(h, weight, targets, softcap, reduction, chunk_rows)
-
-
-_WORKSPACE: dict = {}  # CPU scratch for SoftcapCrossEntropy, reused across steps (see below)
-
-
-def _cpu_workspace(numel: int, dtype: torch.dtype, n: int = 2) -> list[torch.Tensor]:
-    """n flat CPU buffers of numel elements, kept between calls. Fresh tensors this big are mmap'd by
-    malloc and page-faulted in on every step (~1 GB/step of faults at d4/32k vocab, 13% of the step)."""
-    key = (numel, dtype, n)
-    if key not in _WORKSPACE:
-        _WORKSPACE.clear()
-        _WORKSPACE[key] = [torch.empty(numel, dtype=dtype) for _ in range(n)]
-    return _WORKSPACE[key]
-
-
-class SoftcapCrossEntropy(torch.autograd.Function):
-    """lm_head matmul + tanh softcap + cross-entropy (ignore_index=-1), a chunk of rows at a time.
-
-    At small width the (tokens x vocab) logits dominate a training step. Materialising them all costs
-    4 * N * V bytes several times over; here each chunk's logits live in two reused buffers, and since
-    the loss is the last op, its gradients w.r.t. the hidden states and the lm_head weight are computed
-    right away in the forward pass (backward only scales them by the incoming gradient, in place: run
-    backward once, retain_graph is not supported).
-
-    Tricks, all exact: c * tanh(z / c) = c * (2 * sigmoid(2z / c) - 1), because sigmoid is several times
-    faster than tanh on CPU (the 2/c scales the small hidden chunk, not the logits). The capped logits lie
-    in [-c, c], so exp() needs no max-subtraction pass: softmax uses exp(2c * sigmoid), a constant shift
-    of the logits (shifted back by c when the cap is large enough to overflow fp32). Per-row factors
-    (1/sum, the mean's 1/n) are applied to the small matmul operands instead of the (V, rows) chunk. Chunks
-    are kept transposed, (V, rows), which this CPU's BLAS runs a little faster.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, softcap, reduction, chunk_rows):
-        N, V = h.size(0), weight.size(0)
-        acc = torch.promote_types(h.dtype, torch.float32)  # softmax math in fp32 (fp64 in the tests)
-        valid = targets != -1
-        denom = valid.sum().clamp(min=1).to(acc) if reduction == "mean" else torch.ones((), dtype=acc, device=h.device)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        scale, c2 = 2.0 / softcap, 2.0 * softcap
-        shift = softcap if c2 > 80 else 0.0  # exp(80) * vocab stays far below the fp32 max
-        w = weight.to(h.dtype)
-        R = min(chunk_rows, N)
-        if h.device.type == "cpu" and h.dtype == acc:
-            buf_z, buf_e = _cpu_workspace(V * R, acc)
-        else:  # CUDA's caching allocator already reuses memory
-            buf_z, buf_e = torch.empty(V * R, dtype=acc, device=h.device), torch.empty(V * R, dtype=acc, device=h.device)
-        loss = torch.zeros((), device=h.device, dtype=acc)
-        dh = torch.empty_like(h) if need_grad else None
-        dw = torch.zeros_like(weight, dtype=acc) if need_grad else None
-        for s in range(0, N, R):
-            hc, tc, vc = h[s:s + R], targets[s:s + R], valid[s:s + R]
-            r = hc.size(0)
-            z, e = buf_z[:V * r].view(V, r), buf_e[:V * r].view(V, r)
-            if h.dtype == acc:
-                torch.mm(w, (hc * scale).t(), out=z)
-            else:
-                z.copy_(torch.mm(w, (hc * scale).t()))
-            sig = z.sigmoid_()                                 # logits = c * (2 * sig - 1)
-            torch.mul(sig, c2, out=e)
-            if shift:
-                e.sub_(shift)
-            e.exp_()                                           # exp(logits + c - shift)
-            sumexp = e.sum(0)
-            tgt = tc.clamp(min=0).unsqueeze(0)
-            sig_t = sig.gather(0, tgt).squeeze(0)
-            loss += ((sumexp.log() + shift - c2 * sig_t) * vc).sum()
-            if need_grad:
-                # dL/dz' = rowscale * (softmax - onehot) * dlogits/dz', dlogits/dz' = 2c * sig * (1 - sig)
-                #        = a * (e - sumexp * onehot) * sig * (1 - sig), a = rowscale * 2c / sumexp
-                a = vc.to(acc) * (c2 / denom) / sumexp         # 0 for ignored rows
-                e_t = e.gather(0, tgt).squeeze(0)
-                e.mul_(sig.addcmul_(sig, sig, value=-1.0))    # e * sig * (1 - sig)
-                e.scatter_(0, tgt, ((e_t - sumexp) * sig_t * (1 - sig_t)).unsqueeze(0))
-                dz = e if h.dtype == acc else e.to(h.dtype)
-                a_col = (a * scale).to(h.dtype).unsqueeze(1)  # z' = scale * h W^T
-                dh[s:s + r] = torch.mm(dz.t(), w).mul_(a_col)
-                if dz.dtype == acc:
-                    dw.addmm_(dz, hc * a_col)
-                else:
-                    dw += torch.mm(dz, hc * a_col).to(acc)
-        ctx.grads = (dh, dw)  # not save_for_backward: backward hands them on without a copy
-        ctx.weight_dtype = weight.dtype
-        return loss / denom
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.grads is None:
-            raise RuntimeError("SoftcapCrossEntropy: backward ran twice through the same graph (retain_graph)")
-        dh, dw = ctx.grads
-        ctx.grads = None
-        return dh.mul_(grad_out.to(dh.dtype)), dw.mul_(grad_out).to(ctx.weight_dtype), None, None, None, None

@@ -227,7 +227,6 @@ class Tokenizer:
         self.special_tokens = {name: len(vocab) + i for i, name in enumerate(special_tokens)}
         self.enc = tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens=self.special_tokens)
-        self._special_by_id = {i: name for name, i in self.special_tokens.items()}
 
     # ------------------------------------------------------------------ training, saving, loading
     @classmethod
@@ -317,9 +316,6 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(list(ids))
 
-    def id_to_token(self, i: int) -> str:
-        return self._special_by_id.get(i) or self.vocab[i].decode("utf-8", "replace")
-
     def token_bytes(self) -> list[int]:
         """Byte length of every token id, 0 for special tokens (the bits-per-byte denominator)."""
         return [len(b) for b in self.vocab] + [0] * len(self.special_tokens)
@@ -406,17 +402,19 @@ def _turns(conversation: dict) -> list[tuple[str, str | list]]:
 class StreamDecoder:
     """Decodes a stream of token ids into text pieces, never splitting a UTF-8 character: bytes of a
     character cut across tokens are held back until it is complete. Bytes that can never form a
-    character come out as U+FFFD, as in `decode`. Special tokens come out as their spelling."""
+    character come out as U+FFFD, as in `decode`. Special tokens come out as their spelling.
+    Any tokenizer with `vocab` (the bytes of each ordinary token) and `special_tokens` (name -> id) will do."""
 
     def __init__(self, tokenizer: Tokenizer):
-        self.tok = tokenizer
+        self.vocab = tokenizer.vocab
+        self.specials = {i: name for name, i in tokenizer.special_tokens.items()}
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
-        special = self.tok._special_by_id.get(token_id)
+        special = self.specials.get(token_id)
         if special is not None:
             return self._utf8.decode(b"", final=True) + special
-        return self._utf8.decode(self.tok.vocab[token_id])
+        return self._utf8.decode(self.vocab[token_id])
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the end becomes U+FFFD)."""

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from nanochat.cpu_kernels import DecodeStep, last_logits
 from nanochat.engine import Engine, sample_next
 from nanochat.gpt import GPT, GPTConfig, KVCache
 from nanochat.sandbox import isolation
@@ -15,7 +16,8 @@ class ByteTokenizer:
     """A tiny tokenizer with the contract's methods: one token per UTF-8 byte, specials after 255."""
 
     def __init__(self):
-        self.special = {name: 256 + i for i, name in enumerate(SPECIAL_NAMES)}
+        self.special = self.special_tokens = {name: 256 + i for i, name in enumerate(SPECIAL_NAMES)}
+        self.vocab = [bytes([i]) for i in range(256)]
 
     def get_vocab_size(self):
         return 256 + len(self.special)
@@ -78,36 +80,46 @@ def test_cached_logits_match_uncached(model):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
-def test_fast_decode_step_matches_the_model(model, tok):
-    """The engine's hand-written one-token step computes what GPT.forward computes (GQA, value embeddings,
-    a sliding-window layer whose window of 32 is crossed)."""
-    engine = Engine(model, tok)
-    assert engine.fast_decode
+@pytest.mark.parametrize("static", [False, True])
+def test_fast_decode_step_matches_the_model(model, static):
+    """The hand-written one-token step computes what GPT.forward computes (GQA, value embeddings, a
+    sliding-window layer whose window of 32 is crossed), eagerly and in its static-shape form (the one
+    captured in a CUDA graph on CUDA: full cache under a mask, position as a tensor)."""
     torch.manual_seed(2)
     ids = torch.randint(0, 256, (3, 60))
+    step = DecodeStep(model, static=static)
     with torch.inference_mode():
         full = model(ids)
         cache = KVCache(3, 2, 60, 16, 3)
-        got = [engine._prefill(ids[:, :10], cache)]
+        got = [last_logits(model, ids[:, :10], cache)]
         assert got[0].shape == (3, 265)
-        engine._decode_setup(10, 60)
-        got += [engine._decode_step(ids[:, t:t + 1], cache) for t in range(10, 60)]
+        step.start(10, 60)
+        got += [step(ids[:, t:t + 1], cache) for t in range(10, 60)]
     torch.testing.assert_close(torch.stack(got, dim=1), full[:, 9:], atol=1e-4, rtol=1e-4)
     # batch 1 takes another lm_head layout; and a weight update (as in RL) must reach the decoder
     with torch.inference_mode():
         cache = KVCache(1, 2, 12, 16, 3)
-        engine._prefill(ids[:1, :10], cache)
+        last_logits(model, ids[:1, :10], cache)
         emb9 = cache.last_emb  # the smear's previous token: rewinding the cache to 10 rewinds it too
-        engine._decode_setup(10, 12)
-        torch.testing.assert_close(engine._decode_step(ids[:1, 10:11], cache), full[:1, 10], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(step.start(10, 12)(ids[:1, 10:11], cache), full[:1, 10], atol=1e-4, rtol=1e-4)
         model.lm_head.weight.mul_(2)
         cache.pos, cache.last_emb = 10, emb9
-        engine._decode_setup(10, 12)
-        new = engine._decode_step(ids[:1, 10:11], cache)
+        new = step.start(10, 12)(ids[:1, 10:11], cache)
         cache.pos = 10
         ref = model(ids[:1, :11])[:, -1]
         model.lm_head.weight.div_(2)
     torch.testing.assert_close(new, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_engine_decodes_alike_through_every_path(model, tok):
+    """Greedy generations agree whichever one-token step the engine uses (the CPU runs two of the three)."""
+    prompt = tok.encode("The quick brown fox")
+    engine = Engine(model, tok)
+    assert engine.decode == "fast"
+    fast, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=30, temperature=0.0)
+    engine.decode = "forward"
+    plain, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=30, temperature=0.0)
+    assert fast == plain
 
 
 def test_greedy_equals_repeated_full_forward(model, tok):
