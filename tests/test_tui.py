@@ -497,7 +497,7 @@ class HostileChat(FakeChatBackend):
     def stream(self, conversation, temperature, top_k, max_tokens=512):
         yield {"type": "text", "text": HOSTILE}
         yield {"type": "tool_call", "code": HOSTILE}
-        yield {"type": "tool_result", "output": HOSTILE, "status": "ok"}
+        yield {"type": "tool_result", "output": HOSTILE, "status": "ok", "isolation": "reduced"}
         yield {"type": "notice", "text": HOSTILE}
         yield {"type": "done", "reason": "max_tokens", "tokens": 4}
 
@@ -520,5 +520,6 @@ async def test_chat_shows_model_and_tool_text_literally(tmp_path):
         assert any(t == SHOWN for t in texts[1:])  # tool code
         assert any(t == f"→ {SHOWN}" for t in texts) and any(t == "[max tokens]" for t in texts)
         assert SHOWN in scr.query_one(".tool").title.plain
+        assert scr.query_one(".tool").title.plain.endswith("→ ok, reduced isolation")  # a weaker sandbox is shown
         assert not any("\x1b" in t for t in texts)
         assert app.is_running

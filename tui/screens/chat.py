@@ -115,13 +115,14 @@ class AssistantMessage(Vertical):
         await self.mount(self._tool)
         self.parts.append({"type": "python", "text": code})
 
-    async def add_tool_result(self, output: str, status: str):
+    async def add_tool_result(self, output: str, status: str, isolation: str = "full"):
         if self._tool is None:
             await self.add_tool_call("")
         await self._tool.query_one(Collapsible.Contents).mount(
             Static(f"→ {strip_controls(output).rstrip() or '(no output)'}", classes=f"tool-result {status}",
                    markup=False))
-        self._tool.title = Content.from_text(self._tool.title) + Content(f"  → {status}")
+        shown = status if isolation != "reduced" else f"{status}, reduced isolation"  # never hide a weaker sandbox
+        self._tool.title = Content.from_text(self._tool.title) + Content(f"  → {shown}")
         self._tool = None
         self.parts.append({"type": "python_output", "text": output})
 
@@ -282,7 +283,8 @@ class ChatScreen(Screen):
         elif kind == "tool_call":
             await reply.add_tool_call(str(item.get("code", "")))
         elif kind == "tool_result":
-            await reply.add_tool_result(str(item.get("output", "")), str(item.get("status", "ok")))
+            await reply.add_tool_result(str(item.get("output", "")), str(item.get("status", "ok")),
+                                        str(item.get("isolation", "full")))
         elif kind == "notice":
             await reply.mount(Notice(str(item.get("text", ""))))
         elif kind == "done":
