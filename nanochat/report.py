@@ -279,6 +279,8 @@ def _note(e: dict) -> str:
         notes.append(str(e["source"]))
     if e.get("cropped"):
         notes.append(f"{e['cropped']} example(s) cropped to the model's context")
+    if e.get("isolation") == "reduced":
+        notes.append("model code ran with REDUCED sandbox isolation (sandbox.allow_reduced_isolation)")
     return "; ".join(notes)
 
 

@@ -75,8 +75,12 @@ def main(ctx: StageContext) -> dict:
 
     def on_task(name, r):
         print0(f"{name:<14} acc {r['acc']:.4f}  centred {r['centered']:+.4f}  (n={r['n']}, {r['seconds']:.1f}s)")
+        extra = {"source": r["source"]} if r.get("source") else {}
+        if name == "HumanEval":  # the tests ran model-written code: say how isolated it was
+            from nanochat.sandbox import isolation
+            extra["isolation"] = isolation()
         ev.eval(task=name, metric="acc", value=r["acc"], centered=r["centered"], n=r["n"], step=step, phase=phase,
-                **({"source": r["source"]} if r.get("source") else {}))
+                **extra)
         ev.eval(task=name, metric="centered", value=r["centered"], n=r["n"], step=step, phase=phase)
 
     t0 = time.time()

@@ -255,6 +255,8 @@ def test_aggregates_say_complete_or_partial_with_the_missing_tasks(tmp_path):
         chat = EventWriter(tmp_path, f"chat_eval_{phase}")
         chat.start()
         chat.eval(task="SpellingBee", metric="acc", value=0.75, phase=phase)
+        chat.eval(task="HumanEval", metric="acc", value=0.1, phase=phase, isolation="reduced" if partial else "full")
+        chat.eval(task="HumanEval", metric="centered", value=0.1, phase=phase)
         chat.eval(task="ChatCORE", metric="chatcore", value=0.5, phase=phase, partial=partial, n=6 - partial,
                   missing=["HumanEval"] if partial else [])
         chat.end()
@@ -271,6 +273,9 @@ def test_aggregates_say_complete_or_partial_with_the_missing_tasks(tmp_path):
     assert "| copa | 0.6000 | 0.2000 | core_icl/local_data/copa.jsonl; 2 example(s) cropped to the model's context |" in core
     assert "| val | bpb | 1.1000 | partial: 1,000 of the 4,096 tokens asked (the split ran out) |" in core
     assert "| train | bpb | 1.2000 | complete (4,096 tokens) |" in core and "- Skipped: HumanEval skipped: no local" in core
+    # a HumanEval that ran model code with reduced isolation says so; a fully isolated one says nothing
+    assert "REDUCED sandbox isolation" in section(rep, "chat_eval_sft")
+    assert "REDUCED sandbox isolation" not in section(rep, "chat_eval_mid")
 
 
 def test_an_eval_without_a_phase_is_no_phase_score(tmp_path):
