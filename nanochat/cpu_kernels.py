@@ -164,7 +164,32 @@ class DecodeStep:
             self.pos = torch.full((), pos, dtype=torch.long, device=cos.device)
             self.key_pos = torch.arange(end, device=cos.device)
         self.head_fresh = False  # the transposed lm_head copy (batch 1) is refreshed on first use
+        self.packed_for = None   # and the block matrices are packed again, for the batch of the first step
         return self
+
+    def _packed(self, B: int) -> list[tuple]:
+        """Per generation, per layer: (q|k|v stacked, attn c_proj, mlp c_fc, mlp c_proj) laid out for B rows as
+        _head lays out lm_head: transposed copies at 1 row (x @ W^T through F.linear is ~3x slower there),
+        as they are at 2-8 rows (W @ x^T). Read once per generation, so weight updates between them count."""
+        if self.packed_for != B:
+            lay = (lambda w: w.t().contiguous()) if B == 1 else (lambda w: w)
+            self.packs = []
+            for block in self.model.blocks:
+                a, mlp = block.attn, block.mlp
+                qkv = torch.cat([a.c_q.weight, a.c_k.weight, a.c_v.weight]).detach()
+                self.packs.append(tuple(lay(w.detach()) for w in (qkv, a.c_proj.weight, mlp.c_fc.weight,
+                                                                    mlp.c_proj.weight)))
+            a = self.model.blocks[0].attn
+            self._qkv_split = [a.n_head * a.head_dim, a.n_kv_head * a.head_dim, a.n_kv_head * a.head_dim]
+            self.packed_for = B
+        return self.packs
+
+    def _mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x (B, in) @ a matrix from _packed -> (B, out)."""
+        B = x.size(0)
+        if B == 1:
+            return torch.mm(x, w)
+        return torch.mm(w, x.t()).t() if B <= 8 else F.linear(x, w)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """lm_head of a few rows: memory-bound (all of V x C is read per step), and which layout streams fastest
@@ -199,9 +224,15 @@ class DecodeStep:
             attn, (lr, l0) = block.attn, self.lambdas[i]
             x = torch.add(x * lr, x0, alpha=l0)
             h = norm(x)
-            q = attn.c_q(h).view(B, attn.n_head, attn.head_dim)
-            k = attn.c_k(h).view(B, attn.n_kv_head, attn.head_dim)
-            v = attn.c_v(h).view(B, attn.n_kv_head, attn.head_dim)
+            if self.static:
+                q = attn.c_q(h).view(B, attn.n_head, attn.head_dim)
+                k = attn.c_k(h).view(B, attn.n_kv_head, attn.head_dim)
+                v = attn.c_v(h).view(B, attn.n_kv_head, attn.head_dim)
+            else:  # one matmul for q|k|v, in the layout this BLAS streams fastest for B rows
+                W = self._packed(B)[i]
+                q, k, v = self._mm(h[:, 0], W[0]).split(self._qkv_split, -1)
+                q = q.reshape(B, attn.n_head, attn.head_dim)
+                k, v = k.reshape(B, attn.n_kv_head, attn.head_dim), v.reshape(B, attn.n_kv_head, attn.head_dim)
             if attn.ve_gate is not None:
                 gate = torch.sigmoid(attn.ve_gate(h[..., :attn.ve_gate.in_features])).mul_(attn.ve_gate_scale).view(B, -1, 1)
                 v = torch.addcmul(v, gate, m.value_embeds[str(i)](ids).view_as(v))
@@ -209,8 +240,12 @@ class DecodeStep:
             q = torch.addcmul(q * C, q.roll(self.half, -1), S).unsqueeze(2)  # (B, H, 1, D)
             k = torch.addcmul(k * C, k.roll(self.half, -1), S)
             y = self._attend(q, k, v, cache, i, pos, m.windows[i])
-            x = x + attn.c_proj(y.view(B, 1, -1))
-            x = x + block.mlp(norm(x))
+            if self.static:
+                x = x + attn.c_proj(y.view(B, 1, -1))
+                x = x + block.mlp(norm(x))
+            else:
+                x = x + self._mm(y.reshape(B, -1), W[1]).view(B, 1, -1)
+                x = x + self._mm(F.relu(self._mm(norm(x)[:, 0], W[2])).square_(), W[3]).view(B, 1, -1)
             if i == m.backout_layer:
                 x_mid = x
         if self.static:
