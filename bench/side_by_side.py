@@ -96,7 +96,7 @@ class Reference:
         if not (ref_dir / "nanochat" / "gpt.py").exists():
             raise SystemExit(f"--reference {ref_dir}: not a nanochat checkout (no nanochat/gpt.py in it)")
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of ours on its path
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads, so it goes in the environment
+        # OpenMP's settings (OMP_WAIT_POLICY, read when torch loads) come with os.environ: both sides run alike
         self.proc = subprocess.Popen([str(reference_python(ref_dir)), str(Path(__file__).resolve()), str(ref_dir),
                                       json.dumps(config)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env, cwd=ref_dir)

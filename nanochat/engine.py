@@ -38,14 +38,18 @@ MAX_TOOL_OUTPUT_CHARS = 256  # what the model gets to read back from one calcula
 # ----------------------------------------------------------------------------- sampling
 
 def sample_next(logits: torch.Tensor, rng: torch.Generator | None, temperature: float = 1.0,
-                top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+                top_k: int | None = None, top_p: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """One token per row of `logits` (B, V): greedy at temperature 0, else softmax(logits / T) sampling,
-    optionally restricted to the top_k tokens and/or the smallest set whose probability reaches top_p."""
+    optionally restricted to the top_k tokens and/or the smallest set whose probability reaches top_p.
+    softcap=c: `logits` are the model's raw outputs, still to be capped as c*tanh(z/c); that map is monotone,
+    so the argmax and the top-k are taken first and only the chosen values are capped."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     idx = None
     if top_k is not None and top_k < logits.size(-1):
         logits, idx = torch.topk(logits, top_k, dim=-1)  # sorted, largest first
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     logits = logits / temperature
     if top_p is not None and top_p < 1.0:
         if idx is None:
@@ -98,16 +102,17 @@ class Engine:
     # ------------------------------------------------------------------ the forward passes
 
     def _decoder(self, pos: int, end: int, batch: int, cache: KVCache):
-        """The one-token step for positions [pos, end): ids (B, 1), cache -> logits (B, V)."""
+        """The one-token step for positions [pos, end): (ids (B, 1), cache -> logits (B, V), softcap), where
+        softcap is None for capped logits, else the cap the sampler still has to apply (see sample_next)."""
         if self.decode == "graph":
             try:
-                return CudaGraphStep(self.model, self.cache_dtype).start(pos, end, batch, cache)
+                return CudaGraphStep(self.model, self.cache_dtype).start(pos, end, batch, cache), None
             except RuntimeError as e:  # e.g. an op that cannot be captured: decode eagerly from now on
                 warnings.warn(f"CUDA graph capture of the decode step failed ({e}); decoding through GPT.forward")
                 self.decode = "forward"
         if self.decode == "fast" and self.cache_dtype == torch.float32:
-            return self._fast.start(pos, end)
-        return lambda ids, c: self.model(ids, kv_cache=c)[:, -1, :]
+            return self._fast.start(pos, end).raw, self._fast.softcap
+        return (lambda ids, c: self.model(ids, kv_cache=c)[:, -1, :]), None
 
     def _cache(self, batch_size: int, max_len: int) -> KVCache:
         kv_heads, head_dim, layers = self.cache_shape
@@ -157,10 +162,11 @@ class Engine:
         cache.prefill(prompt_cache)
         del prompt_cache
         logits = logits.expand(num_samples, -1)
-        step_fn = self._decoder(len(tokens), len(tokens) + budget, num_samples, cache)
+        step_fn, step_cap = self._decoder(len(tokens), len(tokens) + budget, num_samples, cache)
+        cap = None  # the prefill's logits are capped already
         rows = [_Row() for _ in range(num_samples)]
         for step in range(budget):
-            sampled = sample_next(logits, rng, temperature, top_k, top_p)
+            sampled = sample_next(logits, rng, temperature, top_k, top_p, cap)
             column = sampled.tolist()  # the one device sync per step
             masks = [1] * num_samples
             for i, row in enumerate(rows):
@@ -187,7 +193,7 @@ class Engine:
             if last or all(row.done for row in rows):
                 return
             ids = sampled if sampled is not None else torch.tensor(column, dtype=torch.long, device=self.device)
-            logits = step_fn(ids.view(num_samples, 1), cache)
+            logits, cap = step_fn(ids.view(num_samples, 1), cache), step_cap
 
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
         """Yields (token_column, mask_column): one token per row per step. After a row has stopped, its

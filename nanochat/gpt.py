@@ -172,18 +172,20 @@ class KVCache:
 
     `pos` is the number of positions already written. GPT.forward writes each layer's new keys/values in
     place at [pos, pos + T) and advances `pos` once after the last layer, so decoding allocates nothing per
-    layer. Sliding-window layers read only their window from the cache.
+    layer. Sliding-window layers read only their window from the cache. Positions [0, `shared`) hold the
+    same keys/values in every row (a prompt prefilled once, then sampled from several times), so a reader may
+    take them from row 0 alone; any write below `shared` lowers it.
     """
 
     def __init__(self, batch_size, num_kv_heads, max_seq_len, head_dim, num_layers, device=None, dtype=torch.float32):
         shape = (num_layers, batch_size, num_kv_heads, max_seq_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.batch_size, self.max_seq_len, self.pos = batch_size, max_seq_len, 0
+        self.batch_size, self.max_seq_len, self.pos, self.shared = batch_size, max_seq_len, 0, 0
         self.last_emb = None  # (B, 1, C) normed embedding of the last token written (for the smear)
 
     def reset(self):
-        self.pos, self.last_emb = 0, None
+        self.pos, self.shared, self.last_emb = 0, 0, None
 
     def get_pos(self) -> int:
         return self.pos
@@ -194,6 +196,7 @@ class KVCache:
         end = self.pos + T
         if end > self.max_seq_len:
             raise ValueError(f"KVCache is full: {end} positions needed, max_seq_len is {self.max_seq_len}")
+        self.shared = min(self.shared, self.pos)
         self.k[layer, :, :, self.pos:end].copy_(k)
         self.v[layer, :, :, self.pos:end].copy_(v)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -212,7 +215,7 @@ class KVCache:
         n = other.pos
         self.k[:, :, :, :n].copy_(other.k[:, :, :, :n])  # broadcasts the single row over the batch
         self.v[:, :, :, :n].copy_(other.v[:, :, :, :n])
-        self.pos = n
+        self.pos = self.shared = n
         self.last_emb = None if other.last_emb is None else other.last_emb.expand(self.batch_size, -1, -1).clone()
 
 

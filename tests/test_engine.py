@@ -44,12 +44,12 @@ class ByteTokenizer:
         return ids + [s["<|assistant_start|>"]]
 
 
-def tiny_gpt(seq_len=64, vocab=265, seed=0):
+def tiny_gpt(seq_len=64, vocab=265, seed=0, n_kv_head=2):
     """A random model whose blocks all matter (the default init makes blocks identities), with a sliding
     window layer (window seq_len // 2) so decoding past the window exercises the cache's window path."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
-                          window_pattern="SL"), compute_dtype=torch.float32)
+    model = GPT(GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=3, n_head=4, n_kv_head=n_kv_head,
+                          n_embd=64, window_pattern="SL"), compute_dtype=torch.float32)
     model.init_weights()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -80,17 +80,19 @@ def test_cached_logits_match_uncached(model):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_fast_decode_step_matches_the_model(model, static):
-    """The hand-written one-token step computes what GPT.forward computes (GQA, value embeddings, a
-    sliding-window layer whose window of 32 is crossed), eagerly and in its static-shape form (the one
-    captured in a CUDA graph on CUDA: full cache under a mask, position as a tensor)."""
+@pytest.mark.parametrize("static,n_kv_head", [(False, 2), (False, 4), (True, 2)])
+def test_fast_decode_step_matches_the_model(static, n_kv_head):
+    """The hand-written one-token step computes what GPT.forward computes (value embeddings, a sliding-window
+    layer whose window of 32 is crossed, with grouped-query attention or without, which take different
+    attention code), eagerly and in its static-shape form (the one captured in a CUDA graph on CUDA: full
+    cache under a mask, position as a tensor)."""
+    model = tiny_gpt(n_kv_head=n_kv_head)
     torch.manual_seed(2)
     ids = torch.randint(0, 256, (3, 60))
     step = DecodeStep(model, static=static)
     with torch.inference_mode():
         full = model(ids)
-        cache = KVCache(3, 2, 60, 16, 3)
+        cache = KVCache(3, n_kv_head, 60, 16, 3)
         got = [last_logits(model, ids[:, :10], cache)]
         assert got[0].shape == (3, 265)
         step.start(10, 60)
@@ -98,7 +100,7 @@ def test_fast_decode_step_matches_the_model(model, static):
     torch.testing.assert_close(torch.stack(got, dim=1), full[:, 9:], atol=1e-4, rtol=1e-4)
     # batch 1 takes another lm_head layout; and a weight update (as in RL) must reach the decoder
     with torch.inference_mode():
-        cache = KVCache(1, 2, 12, 16, 3)
+        cache = KVCache(1, n_kv_head, 12, 16, 3)
         last_logits(model, ids[:1, :10], cache)
         emb9 = cache.last_emb  # the smear's previous token: rewinding the cache to 10 rewinds it too
         torch.testing.assert_close(step.start(10, 12)(ids[:1, 10:11], cache), full[:1, 10], atol=1e-4, rtol=1e-4)
@@ -109,6 +111,31 @@ def test_fast_decode_step_matches_the_model(model, static):
         ref = model(ids[:1, :11])[:, -1]
         model.lm_head.weight.div_(2)
     torch.testing.assert_close(new, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_kv_head,min_shared", [(2, 1), (4, 1), (4, 64)])
+def test_fast_decode_step_reads_a_shared_prompt_once(n_kv_head, min_shared):
+    """Rows sampled from one prefilled prompt share its keys/values; the step reads them from row 0 (with and
+    without grouped-query attention, through the window of the sliding layer) and still computes per row what
+    GPT.forward computes. A write below the shared part (a rewound cache) ends the sharing."""
+    model = tiny_gpt(n_kv_head=n_kv_head)
+    torch.manual_seed(3)
+    prompt, new = torch.randint(0, 256, (1, 40)), torch.randint(0, 256, (3, 20))
+    step = DecodeStep(model)
+    step.min_shared = min_shared
+    with torch.inference_mode():
+        full = model(torch.cat([prompt.expand(3, -1), new], 1))
+        single = KVCache(1, n_kv_head, 40, 16, 3)
+        first = last_logits(model, prompt, single)
+        cache = KVCache(3, n_kv_head, 60, 16, 3)
+        cache.prefill(single)
+        assert cache.shared == 40
+        step.start(40, 60)
+        got = [first.expand(3, -1)] + [step(new[:, t:t + 1], cache) for t in range(19)]
+        torch.testing.assert_close(torch.stack(got, 1), full[:, 39:59], atol=1e-4, rtol=1e-4)
+        cache.pos, cache.last_emb = 30, None  # rewind into the prompt: rows now differ from position 30 on
+        step(new[:, :1], cache)
+        assert cache.shared == 30
 
 
 def test_engine_decodes_alike_through_every_path(model, tok):
@@ -159,6 +186,22 @@ def test_sample_next_top_k_top_p():
     assert set(sample_next(logits, rng, 1.0, top_p=0.9).tolist()) == {1, 2}
     assert sample_next(logits[:1], rng, 0.0).tolist() == [1]
     assert len(set(sample_next(logits, rng, 1.0).tolist())) >= 4
+
+
+def test_sample_next_caps_raw_logits_after_choosing():
+    """softcap=c on raw outputs draws what the capped logits draw (same generator state), for every mode:
+    greedy, top-k (capped after the choice), top-p and the full distribution (capped up front)."""
+    # up to ~40: the cap (15) reshapes the distribution, yet no two values saturate to one float (a tie that
+    # the capped argmax would break by index and the raw argmax would not)
+    raw = torch.randn(64, 300) * 12
+    capped = 15 * torch.tanh(raw / 15)
+    for kw in (dict(temperature=0.0), dict(top_k=20), dict(top_k=20, top_p=0.8), dict(top_p=0.8), {}):
+        kw = {"temperature": 0.7, **kw}
+        a = sample_next(capped, torch.Generator().manual_seed(3), **kw)
+        b = sample_next(raw, torch.Generator().manual_seed(3), softcap=15.0, **kw)
+        assert torch.equal(a, b), kw
+    assert not torch.equal(sample_next(raw, torch.Generator().manual_seed(3), 0.7),
+                           sample_next(capped, torch.Generator().manual_seed(3), 0.7))
 
 
 class BigramModel(nn.Module):
