@@ -1,8 +1,10 @@
 """The TUI's Textual-free core: run model, alerts, log index, plot, config, NVML adapter, bindings."""
 from __future__ import annotations
 
+import gc
 import json
 import math
+import threading
 import re
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from fake_run import T0, FakeNvml, FakeRun, demo_run, loss_at
 from tui.alerts import AlertBook
 from tui.logfile import STRIDE, LogFile, compile_query
-from tui.runmodel import (RunModel, RunReader, load_run, quick_summary, read_state, run_cost, run_gpu_name,
+from tui.runmodel import (BIG_BATCH, RunModel, gc_paused, RunReader, load_run, quick_summary, read_state, run_cost, run_gpu_name,
                           state_view)
 from tui.services import GpuSample, NvmlProvider, TuiConfigError, load_tui_config
 
@@ -272,3 +274,52 @@ def test_state_view_uses_the_supervisors_status_and_survives_a_bad_state_file(tm
         (r.dir / "state.json").write_bytes(junk)
         assert read_state(r.dir) == {"status": "unknown", "profile": "", "created": None, "stages": [], "raw": {}}
         assert not sv.reattach(r.dir) and not sv.is_live(r.dir)
+
+
+def test_gc_is_paused_for_a_big_batch_only_and_always_restored():
+    """A bulk ingest runs with the cyclic GC off (nested and from two threads at once), then it is back on;
+    a GC the user turned off stays off; an exception inside still restores it."""
+    assert gc.isenabled()
+    seen = []
+    evs = [{"v": 1, "ts": T0 + i, "stage": "base_train", "kind": "step", "step": i, "loss": 2.0}
+           for i in range(BIG_BATCH)]
+
+    class Probe(list):
+        def __iter__(self):
+            seen.append(gc.isenabled())
+            return super().__iter__()
+
+    m = RunModel(run_dir=None)
+    m.ingest(Probe(evs), checked=True)
+    m.ingest(Probe(evs[:10]), checked=True)
+    assert seen == [False, True] and gc.isenabled() and m.n_events == BIG_BATCH + 10
+    entered, leave, states = threading.Event(), threading.Event(), []
+
+    def other_thread():
+        with gc_paused():
+            entered.set()
+            leave.wait(5)
+        states.append(gc.isenabled())
+
+    with gc_paused():
+        t = threading.Thread(target=other_thread)
+        t.start()
+        entered.wait(5)
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert not gc.isenabled()  # the other thread still holds it
+    leave.set()
+    t.join(5)
+    assert states == [True] and gc.isenabled()
+    with pytest.raises(ZeroDivisionError):
+        with gc_paused():
+            1 / 0
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -5,10 +5,12 @@ dashboard can be reopened at any time and rebuild every panel from the files on 
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import threading
 import tomllib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,6 +131,12 @@ class RunModel:
         """Apply a batch; returns the step events whose loss is not finite or spikes (for alerts).
         Events that fail events.check_event are skipped and counted in `malformed`; `checked` says the
         batch comes from an EventReader (RunReader), which already checked every one."""
+        if len(events) >= BIG_BATCH:
+            with gc_paused():
+                return self._ingest(events, checked)
+        return self._ingest(events, checked)
+
+    def _ingest(self, events: list[dict], checked: bool) -> list[dict]:
         anomalies = []
         for ev in events:
             if not checked and check_event(ev) is not None:
@@ -249,6 +257,30 @@ def _is_spike(history: list[float], loss: float, window: int = 50) -> bool:
 
 # ----------------------------------------------------------------------------- reading a run dir
 
+BIG_BATCH = 10_000  # events: from here on, parsing and ingesting run with the cyclic GC paused
+_gc_pause = {"holders": 0, "was_enabled": False}
+_gc_lock = threading.Lock()
+
+
+@contextmanager
+def gc_paused():
+    """The cyclic garbage collector off for a bulk read: parsing a 100k-event run keeps ~100k dicts alive at
+    once, and the collections that sets off (each one walks every live object) were ~0.8 s of a 2.3 s open.
+    Reference counting still frees everything (events make no cycles). Nests, and works across threads."""
+    with _gc_lock:
+        if _gc_pause["holders"] == 0:
+            _gc_pause["was_enabled"] = gc.isenabled()
+            gc.disable()
+        _gc_pause["holders"] += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pause["holders"] -= 1
+            if _gc_pause["holders"] == 0 and _gc_pause["was_enabled"]:
+                gc.enable()
+
+
 class RunReader:
     """Tails every events.jsonl of a run (new stages appear as they start). Thread-safe `poll`."""
 
@@ -290,11 +322,12 @@ def _bulk_read(reader: EventReader) -> list[dict] | None:
     if end < 0 or not body:
         return None
     try:
-        evs = json.loads(b"[" + body.replace(b"\n", b",") + b"]")
+        with gc_paused():
+            evs = json.loads(b"[" + body.replace(b"\n", b",") + b"]")
+            if not all(check_event(e) is None for e in evs):
+                return None
     except ValueError:
         return None  # a malformed or blank line somewhere: let EventReader skip and count it
-    if not all(check_event(e) is None for e in evs):
-        return None
     reader.offset = end + 1
     return evs
 
