@@ -107,12 +107,13 @@ def derive_base_train(bt: dict, vocab_size: int, world_size: int) -> dict:
     if bt["num_iterations"] < 0:
         bt["num_iterations"] = max(1, round(target / B))
     N = bt["num_iterations"]
-    tokens = N * B
     if bt["hparam_scaling"]:
         lr_scale = math.sqrt(B / B_REF)
         for k in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr"):
             bt[k] *= lr_scale
-        bt["weight_decay"] *= lr_scale * d_ref / tokens
+        # D is the model's horizon (ratio x S), also when num_iterations cuts the run short: scaled by the steps
+        # actually run, a 300-step d4 run got a weight decay of 23 (the reference's 0.24)
+        bt["weight_decay"] *= lr_scale * d_ref / target
     bt["total_batch_size"] = B
     bt["eval_every"] = cadence(bt["eval_every"], N, 250)
     bt["save_every"] = cadence(bt["save_every"], N, 1000)

@@ -45,8 +45,11 @@ def test_batch_horizon_lr_and_weight_decay_follow_the_rules():
     assert bt["num_iterations"] == round(ratio * S / B)
     assert math.isclose(bt["matrix_lr"], inputs["matrix_lr"] * math.sqrt(B / B_REF))
     assert math.isclose(bt["embedding_lr"], inputs["embedding_lr"] * math.sqrt(B / B_REF))
-    D = bt["num_iterations"] * B
+    D = ratio * S
     assert math.isclose(bt["weight_decay"], inputs["weight_decay"] * math.sqrt(B / B_REF) * ratio * S12 / D)
+    # a run cut short keeps the horizon's weight decay (scaled by the steps run, 300 d4 steps got 23)
+    short = load_config(None, ["base_train.depth=16", "base_train.num_iterations=300"])["base_train"]
+    assert short["weight_decay"] == bt["weight_decay"] and short["num_iterations"] == 300
     # d12 is the reference: the 2^19 batch, unscaled LRs
     d12 = load_config(None, ["base_train.depth=12"])["base_train"]
     assert d12["total_batch_size"] == B_REF and d12["matrix_lr"] == inputs["matrix_lr"]
