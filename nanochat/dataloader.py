@@ -5,11 +5,7 @@ sees a document from its beginning. To fill the space left in a row the loader t
 of tokenised documents, the largest one that still fits (best fit); only when none fits does it crop
 one (the shortest, to waste least) to the exact space left, and drops the rest of that document
 (a single token of space left gets a lone BOS, which is what any document cropped to it would be).
-A document longer than a whole row never fits, so it is only ever taken that way: it waits in the
-buffer, ranked by its full length, until nothing fits and it is the shortest (only its first T+1 tokens
-are stored). Cropping long documents on entry instead made them fill empty rows exactly and always go
-first, so rows held one long article's opening instead of ~2.3 whole documents (and validation measured
-other text than the reference's loader does).
+A document longer than a whole row can never fit, so it is cropped to T+1 when it enters the buffer.
 
 Resuming: `state_dict()` stores the position of the last document read from the corpus (`cursor`)
 and the positions of the documents still waiting in the buffer, in buffer order. A loader built with
@@ -73,10 +69,11 @@ class PackingLoader:
     def _add(self, texts, positions):
         for toks, pos in zip(self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.num_threads), positions):
             self.tokens_read += len(toks)
-            n = len(toks)  # ranked by its full length; no more than a row is ever taken from it
-            i = bisect_right(self._lens, n)  # after equal lengths: the order stays deterministic
-            self._lens.insert(i, n)
-            self._docs.insert(i, (np.asarray(toks[: self.T + 1], dtype=np.int64), pos))
+            self.tokens_cropped += max(0, len(toks) - self.T - 1)
+            toks = np.asarray(toks[: self.T + 1], dtype=np.int64)  # ~4x smaller than a list of ints
+            i = bisect_right(self._lens, len(toks))  # after equal lengths: the order stays deterministic
+            self._lens.insert(i, len(toks))
+            self._docs.insert(i, (toks, pos))
 
     def _refill(self) -> bool:
         """Read and tokenise one batch of documents; False when the corpus is used up (loop=False)."""
@@ -111,9 +108,9 @@ class PackingLoader:
         if i < 0 and space == 1:  # any document cropped to one token is just its BOS: spend none on it
             return [self.bos]
         i = max(i, 0)
-        n = self._lens.pop(i)
+        self._lens.pop(i)
         toks, _ = self._docs.pop(i)
-        self.tokens_cropped += max(0, n - space)
+        self.tokens_cropped += max(0, len(toks) - space)
         return toks[:space]
 
     # -- batches
