@@ -367,6 +367,33 @@ async def test_chat_text_arrives_in_batches_and_every_token_counts(tmp_path, mon
     assert len(texts) < 60
 
 
+async def test_chat_follows_the_reply_until_the_user_scrolls_up(tmp_path):
+    """A long reply keeps the log at its end as it grows; once the user scrolls up to read, it stays where
+    they put it; the next message follows again."""
+    r = chat_run(tmp_path)
+    backend = FakeChatBackend(delay=0.005, n_tokens=600)
+    app = make_app(tmp_path, chat=lambda: backend)
+    app.open_run, app.open_screen = r.dir, "chat"
+    async with app.run_test(size=(80, 24)) as pilot:
+        scr = app.screen
+        log = scr.query_one("#chat-log")
+        await until(pilot, lambda: scr.backend is not None)
+        await pilot.press(*"hi", "enter")
+        await until(pilot, lambda: not scr.generating and len(scr.conv["messages"]) == 2, what="reply done")
+        await pilot.pause(0.2)
+        assert log.max_scroll_y > 10 and log.scroll_y == log.max_scroll_y
+        await pilot.press(*"more", "enter")
+        await until(pilot, lambda: scr.tokens_rendered > 700, what="second reply streaming")
+        log.scroll_home(animate=False)  # the user scrolls up to read
+        await until(pilot, lambda: not scr.generating and len(scr.conv["messages"]) == 4, what="second reply done")
+        await pilot.pause(0.2)
+        assert log.scroll_y == 0 < log.max_scroll_y
+        await pilot.press(*"again", "enter")
+        await until(pilot, lambda: not scr.generating and len(scr.conv["messages"]) == 6, what="third reply done")
+        await pilot.pause(0.2)
+        assert log.scroll_y == log.max_scroll_y
+
+
 async def test_chat_stop_and_bad_settings(tmp_path):
     """Stop lands while the reply streams. (It once missed under load: a message per token queued the key
     press behind hundreds of unrendered tokens; text now reaches the screen in batches, ChatScreen.FLUSH_S.)"""

@@ -249,7 +249,9 @@ class ChatScreen(Screen):
     async def _generate(self, settings):
         temp, top_k = settings
         self._current = AssistantMessage()
-        await self.query_one("#chat-log", VerticalScroll).mount(self._current)
+        log = self.query_one("#chat-log", VerticalScroll)
+        await log.mount(self._current)
+        log.anchor()  # follow the reply as it grows, until the user scrolls up
         self.generating = True
         self._status("generating… (ctrl+g stops)")
         conv = json.loads(json.dumps(self.conv))  # the worker gets its own copy
@@ -294,7 +296,6 @@ class ChatScreen(Screen):
             return  # a stopped generation's tail
         item, reply = msg.item, self._current
         kind = item.get("type")
-        log = self.query_one("#chat-log", VerticalScroll)
         if kind == "text":
             self.tokens_rendered += item.get("tokens", 1)
             await reply.add_text(str(item.get("text", "")))
@@ -312,7 +313,6 @@ class ChatScreen(Screen):
             self.generating, self._current, self._generation = False, None, None
             self._status(f"ready · {item.get('tokens') or self.tokens_rendered} tokens"
                          + (" (stopped)" if reason == "stopped" else ""))
-        log.scroll_end(animate=False)  # follow the reply (applied after the next refresh)
 
     # ----------------------------------------------------------------- actions
     def action_back(self):
