@@ -5,18 +5,29 @@ sees a document from its beginning. To fill the space left in a row the loader t
 of tokenised documents, the largest one that still fits (best fit); only when none fits does it crop
 one (the shortest, to waste least) to the exact space left, and drops the rest of that document
 (a single token of space left gets a lone BOS, which is what any document cropped to it would be).
-A document longer than a whole row can never fit, so it is cropped to T+1 when it enters the buffer.
+
+A document longer than a whole row ("long") never fits, so it waits in a queue of its own, first in,
+first out (only its first T+1 tokens are stored), and fills an empty row by itself, cropped. An empty row
+takes the oldest long document when the long ones are at least half of the buffer; otherwise long ones
+go only when no short document is left. That keeps at least half the buffer for best fit, and long
+documents leave at the rate they arrive, none waiting forever. (Two other policies were measured and
+dropped: cropping long documents on entry made them fill empty rows exactly and always go first, so
+rows held one article's opening instead of ~2.3 whole documents; ranking them by full length with the
+short ones, as karpathy/nanochat does, starved them, so on a corpus the buffer holds whole the stream
+served all the short documents first and the long ones last.)
 
 Resuming: `state_dict()` stores the position of the last document read from the corpus (`cursor`)
-and the positions of the documents still waiting in the buffer, in buffer order. A loader built with
-that state re-reads and re-tokenises those documents (tokenisation is deterministic) and continues
-reading after the cursor, so its next batch is exactly the batch the original loader would have
-produced. The state is a few thousand integers, small enough for a checkpoint's meta.json.
+and the positions of the documents still waiting in the buffer (short ones by length, then long ones
+oldest first). A loader built with that state re-reads and re-tokenises those documents (tokenisation is
+deterministic) and continues reading after the cursor, so its next batch is exactly the batch the
+original loader would have produced. The state is a few thousand integers, small enough for a
+checkpoint's meta.json.
 """
 from __future__ import annotations
 
 import hashlib
 from bisect import bisect_right
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +65,9 @@ class PackingLoader:
         self.buffer_size, self.tokenizer_batch_size, self.num_threads, self.loop = (
             buffer_size, tokenizer_batch_size, num_threads, loop)
         self.epoch, self.cursor = 1, None  # cursor: position of the last document read from the corpus
-        self._lens: list[int] = []         # buffer, kept sorted by token count ...
+        self._lens: list[int] = []         # short documents (at most T+1 tokens), sorted by token count ...
         self._docs: list[tuple[np.ndarray, list[int]]] = []  # ... as (tokens, position) pairs
+        self._long: deque[tuple[np.ndarray, list[int]]] = deque()  # longer ones, oldest first, first T+1 tokens
         self.tokens_read = self.tokens_cropped = 0  # statistics: how much of what was read got cut away
         if state is not None:
             self._load_state(state)
@@ -70,10 +82,13 @@ class PackingLoader:
         for toks, pos in zip(self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.num_threads), positions):
             self.tokens_read += len(toks)
             self.tokens_cropped += max(0, len(toks) - self.T - 1)
-            toks = np.asarray(toks[: self.T + 1], dtype=np.int64)  # ~4x smaller than a list of ints
+            doc = (np.asarray(toks[: self.T + 1], dtype=np.int64), pos)  # ~4x smaller than a list of ints
+            if len(toks) > self.T + 1:
+                self._long.append(doc)
+                continue
             i = bisect_right(self._lens, len(toks))  # after equal lengths: the order stays deterministic
             self._lens.insert(i, len(toks))
-            self._docs.insert(i, (toks, pos))
+            self._docs.insert(i, doc)
 
     def _refill(self) -> bool:
         """Read and tokenise one batch of documents; False when the corpus is used up (loop=False)."""
@@ -99,18 +114,24 @@ class PackingLoader:
         return bool(texts)
 
     def _take(self, space: int):
-        """The largest buffered document that fits in `space`, else the shortest one cropped to it."""
-        while len(self._lens) < self.buffer_size and self._refill():
+        """What fills `space` next: the oldest long document for an empty row when long ones are half the
+        buffer, else the largest short one that fits, else the shortest one there is, cropped to it."""
+        while len(self._lens) + len(self._long) < self.buffer_size and self._refill():
             pass
-        if not self._lens:
+        if not self._lens and not self._long:
             raise StopIteration
         i = bisect_right(self._lens, space) - 1
-        if i < 0 and space == 1:  # any document cropped to one token is just its BOS: spend none on it
+        if self._long and space == self.T + 1 and len(self._long) >= len(self._lens):
+            toks = self._long.popleft()[0]
+        elif i < 0 and space == 1:  # any document cropped to one token is just its BOS: spend none on it
             return [self.bos]
-        i = max(i, 0)
-        self._lens.pop(i)
-        toks, _ = self._docs.pop(i)
-        self.tokens_cropped += max(0, len(toks) - space)
+        elif i < 0 and not self._lens:  # nothing short is left: the oldest long one is the shortest there is
+            toks = self._long.popleft()[0]
+        else:
+            i = max(i, 0)
+            self._lens.pop(i)
+            toks, _ = self._docs.pop(i)
+        self.tokens_cropped += max(0, len(toks) - space)  # a long one's tokens past T+1 were counted when read
         return toks[:space]
 
     # -- batches
@@ -135,7 +156,7 @@ class PackingLoader:
     # -- resuming
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "cursor": self.cursor,
-                "buffer": [pos for _, pos in self._docs], "rank": self.rank, "world_size": self.world_size,
+                "buffer": [pos for _, pos in [*self._docs, *self._long]], "rank": self.rank, "world_size": self.world_size,
                 "files": files_fingerprint(self.files)}
 
     def _load_state(self, state: dict):

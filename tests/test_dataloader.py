@@ -96,30 +96,39 @@ def test_rows_are_bos_aligned_whole_documents_and_best_fit(tmp_path):
     lengths = id_corpus(tmp_path, max_len=60)
     files = list_data_files(tmp_path)
     T = 40
-    # a buffer that holds the whole corpus: then "best fit" is checkable against everything not yet used
+    # a buffer that holds the whole corpus: then every choice is checkable against everything not yet used
     batches = list(PackingLoader(IdTokenizer(), files, B=3, T=T, buffer_size=10_000, loop=False))
     assert len(batches) > 10
     seen = check_rows(batches, lengths, T)
     known = [d for d in seen if d is not None]
     assert len(known) == len(set(known))  # nothing used twice in one pass
-    unused = set(lengths)
+    short = {d for d in lengths if lengths[d] + 1 <= T + 1}  # with BOS, fits a row whole
+    long_order = [d for d in known if d not in short]
+    assert long_order == sorted(long_order) and 0 < len(long_order) < len(lengths)  # long: first in, first out
+    unused, long_first = set(lengths), 0
     for x, y in batches:
         for row in rows_of(x, y):
             space = T + 1
             for doc, n in segments(row):
-                unused.discard(doc)
-                fits = [lengths[d] + 1 for d in unused if lengths[d] + 1 <= space]
+                shorts = [d for d in unused if d in short]
+                fits = [lengths[d] + 1 for d in shorts if lengths[d] + 1 <= space]
                 if doc is None:  # one token of space left and no document is that short
                     assert space == 1 and not fits
                     space = 0
                     continue
-                size = min(lengths[doc], T) + 1  # with BOS, cropped to a row when longer
-                if size <= space:  # taken whole: it must be the largest that fit
-                    assert n + 1 == size and all(f <= size for f in fits)
-                else:  # cropped: only when nothing else fit
-                    assert n + 1 == space and not fits
+                unused.discard(doc)
+                if doc not in short:  # an empty row, when long ones are half the buffer or nothing short is left
+                    n_long = len(unused) + 1 - len(shorts)
+                    assert (space == T + 1 and n_long >= len(shorts)) or not shorts
+                    long_first += space == T + 1 and bool(shorts)
+                    assert n + 1 == space
+                elif lengths[doc] + 1 <= space:  # taken whole: the largest that fit
+                    assert n == lengths[doc] and all(f <= n + 1 for f in fits)
+                else:  # cropped: only when nothing fit, and then the shortest (least waste)
+                    assert n + 1 == space and not fits and all(lengths[d] >= lengths[doc] for d in shorts)
                 space -= n + 1
             assert space == 0  # no padding: the row is exactly full
+    assert long_first > 0  # the half-the-buffer rule was exercised, not only the leftovers at the end
 
 
 def test_two_ranks_lose_and_duplicate_nothing(tmp_path):
