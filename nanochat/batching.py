@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from nanochat.cpu_kernels import last_logits
+from nanochat.cpu_kernels import last_logits, soft_cap
 from nanochat.engine import MAX_TOOL_OUTPUT_CHARS, Engine, sample_next
 from nanochat.gpt import QK_SCALE, VE_GATE_CHANNELS, VE_GATE_SCALE, KVCache, apply_rotary, norm
 from nanochat.sandbox import calculator
@@ -78,7 +78,7 @@ def decode_rows(model, cache: KVCache, ids: torch.Tensor, pos: torch.Tensor, pre
             if i == model.backout_layer:
                 x_mid = x
         logits = model.lm_head(norm(x - model.backout_lambda * x_mid)[:, 0]).float()
-    return cfg.softcap * torch.tanh(logits / cfg.softcap)
+    return soft_cap(logits, cfg.softcap)
 
 
 # ----------------------------------------------------------------------------- one row

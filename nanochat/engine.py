@@ -25,7 +25,7 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from nanochat.cpu_kernels import CudaGraphStep, DecodeStep, last_logits
+from nanochat.cpu_kernels import CudaGraphStep, DecodeStep, last_logits, soft_cap
 from nanochat.gpt import GPT, KVCache
 from nanochat.sandbox import calculator, isolation
 from nanochat.tokenizer import StreamDecoder
@@ -49,7 +49,7 @@ def sample_next(logits: torch.Tensor, rng: torch.Generator | None, temperature: 
     if top_k is not None and top_k < logits.size(-1):
         logits, idx = torch.topk(logits, top_k, dim=-1)  # sorted, largest first
     if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+        logits = soft_cap(logits, softcap)
     logits = logits / temperature
     if top_p is not None and top_p < 1.0:
         if idx is None:

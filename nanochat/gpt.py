@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import default_compute_dtype
-from nanochat.cpu_kernels import chunked_softcap_loss
+from nanochat.cpu_kernels import chunked_softcap_loss, soft_cap
 
 VE_GATE_CHANNELS = 12  # the value-embedding gate looks at the first 12 channels of the block input
 VE_GATE_SCALE = 3.0    # gate = 3 * sigmoid(.): (0, 3), so a layer can lean on its value embedding
@@ -200,6 +200,12 @@ class KVCache:
         self.k[layer, :, :, self.pos:end].copy_(k)
         self.v[layer, :, :, self.pos:end].copy_(v)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def write(self, layer: int, pos: int, k, v):
+        """k, v: (B, Hkv, D) for the one position `pos` (the decode step's write; `advance` moves pos)."""
+        self.shared = min(self.shared, pos)
+        self.k[layer, :, :, pos].copy_(k)
+        self.v[layer, :, :, pos].copy_(v)
 
     def advance(self, T: int):
         self.pos += T
@@ -456,13 +462,11 @@ class GPT(nn.Module):
                 chunked = self.chunked_loss if self.chunked_loss is not None else device.type == "cpu"
                 if chunked and loss_reduction != "none":  # the CPU loss kernel (nanochat/cpu_kernels.py)
                     return chunked_softcap_loss(x, self.lm_head.weight, targets, softcap, loss_reduction, self.loss_chunk_rows)
-                logits = self.lm_head(x).float()
-                logits = softcap * torch.tanh(logits / softcap)
+                logits = soft_cap(self.lm_head(x).float(), softcap)
                 loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=-1,
                                        reduction=loss_reduction)
                 return loss.view(B, T) if loss_reduction == "none" else loss
-            logits = self.lm_head(x).float()
-            return softcap * torch.tanh(logits / softcap)
+            return soft_cap(self.lm_head(x).float(), softcap)
 
 
 def build_model(model_config: dict, device) -> "GPT":
