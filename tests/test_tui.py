@@ -29,12 +29,12 @@ def make_app(base: Path, *, nvml=None, chat=None, report=None, keys=None, clock=
         sv.report = report
     cfg = dict(DEFAULT_TUI_CONFIG, keys=keys or {}, events_poll_s=0.05, gpu_poll_s=0.5)
     app = NanochatApp(services=sv, tui_config=cfg, **kw)
-    app.notes = []
+    app.notes, app.note_timeout = [], 3  # toasts leave quickly, unless a test reads them
     orig = app.notify
 
     def notify(message, *, title="", severity="information", timeout=None, **k):
         app.notes.append((severity, title, str(message)))
-        return orig(message, title=title, severity=severity, timeout=timeout or 3, **k)
+        return orig(message, title=title, severity=severity, timeout=timeout or app.note_timeout, **k)
     app.notify = notify
     return app
 
@@ -514,6 +514,7 @@ async def test_run_text_is_never_markup_nor_terminal_control(tmp_path):
     r.fail_stage("base_train", message=HOSTILE)
     r.log("base_train", [HOSTILE, "plain line"], stream="stderr")
     app = make_app(tmp_path, open_run=r.dir)
+    app.note_timeout = 60  # the toast is read below: under load a 3 s one expired first
     async with app.run_test(size=(140, 40)) as pilot:
         scr = app.screen
         await until(pilot, lambda: scr.loaded.is_set() and any(t == "stage base_train failed" for _, t, _ in app.notes),
