@@ -81,8 +81,6 @@ def build(tmp_path: Path, screen: str):
             await pilot.press(*"What is 6*7?", "enter")
             await until(pilot, lambda: len(scr.conv["messages"]) == 2 and not scr.generating)
             scr.query_one("#chat-input").cursor_blink = False  # a blinking cursor makes the snapshot flaky
-            title = scr.query_one(".tool").query_one("CollapsibleTitle")  # its new label waits for a layout pass
-            await until(pilot, lambda: title.size.width >= title.label.cell_length + 2, what="tool title laid out")
         elif screen == "report":
             await until(pilot, lambda: "CORE" in scr.query_one("#report-md").document.source)
         await pilot.pause(0.3)
