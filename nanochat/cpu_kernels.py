@@ -31,7 +31,6 @@ def unit(x):
 
 # ----------------------------------------------------------------------------- the loss
 
-@torch.compiler.disable  # eager even inside a compiled model: a Python loop over chunks with reused buffers
 def soft_cap(z: torch.Tensor, c: float) -> torch.Tensor:
     """Logits capped to (-c, c): c*tanh(z/c), computed as c*(2*sigmoid(2z/c) - 1), exact in fp32 and several
     times cheaper than tanh on CPU. Differentiable (the sigmoid's output, which its backward reads, is not
@@ -39,6 +38,7 @@ def soft_cap(z: torch.Tensor, c: float) -> torch.Tensor:
     return torch.sigmoid(z * (2 / c)).mul(2 * c).sub_(c)
 
 
+@torch.compiler.disable  # eager even inside a compiled model: a Python loop over chunks with reused buffers
 def chunked_softcap_loss(x, weight, targets, softcap, reduction, chunk_rows):
     """x (B, T, C) hidden states after the final norm, targets (B, T) -> the loss (mean or sum)."""
     return SoftcapCrossEntropy.apply(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), softcap, reduction,
